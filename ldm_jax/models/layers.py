@@ -1,0 +1,146 @@
+"""Building blocks shared by every model: logically-partitioned Dense/Conv/GroupNorm, attention, remat.
+
+Every parameter carries logical axis names; `ldm_jax.sharding.LOGICAL_RULES` maps them to the mesh
+axes `data`, `fsdp`, `tensor`. Names used for parameters:
+  embed      input features of a Dense / the model width        -> fsdp
+  mlp        output features of a Dense                          -> tensor
+  conv_in    input channels of a Conv                            -> fsdp
+  conv_out   output channels of a Conv                           -> tensor
+  vocab      token / class / codebook table rows                 -> tensor
+  norm       scale and bias of normalisation layers              -> (replicated)
+  kernel_h, kernel_w   conv kernel height / width               -> (replicated)
+  table      second axis of an embedding table, position rows    -> (replicated)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# The same default init PyTorch uses for Linear/Conv weights (kaiming_uniform(a=sqrt(5)) == U(±1/sqrt(fan_in))),
+# so that models trained from scratch start where the references start.
+torch_default_kernel_init: Initializer = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
+    """Wraps an initializer so the parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(
+    features: int,
+    *,
+    names: tuple[str | None, str | None] = ("embed", "mlp"),
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = torch_default_kernel_init,
+    name: str | None = None,
+) -> nn.Dense:
+    """A Dense layer whose kernel is (in, out) with logical names `names`."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=partitioned(kernel_init, names),
+        bias_init=partitioned(nn.initializers.zeros_init(), (names[1],)),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    padding: int | str | None = None,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = torch_default_kernel_init,
+    names: tuple[str | None, str | None] = ("conv_in", "conv_out"),
+    name: str | None = None,
+) -> nn.Conv:
+    """An NHWC conv with PyTorch's symmetric padding (k//2 unless given); kernel (kh, kw, in, out)."""
+    pad = kernel_size // 2 if padding is None else padding
+    if isinstance(pad, int):
+        pad = ((pad, pad), (pad, pad))
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=pad,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=partitioned(kernel_init, ("kernel_h", "kernel_w", *names)),
+        bias_init=partitioned(nn.initializers.zeros_init(), (names[1],)),
+        name=name,
+    )
+
+
+def group_norm(
+    num_groups: int = 32,
+    *,
+    epsilon: float = 1e-5,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.GroupNorm:
+    """GroupNorm over the channel axis (statistics are reduced in float32 even for bf16 inputs)."""
+    return nn.GroupNorm(
+        num_groups=num_groups,
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
+        bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def layer_norm(
+    *, epsilon: float = 1e-5, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.LayerNorm:
+    """LayerNorm over the last axis with PyTorch's default epsilon."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
+        bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False
+) -> jax.Array:
+    """Scaled dot-product attention on (batch, length, heads, head_dim) through `jax.nn.dot_product_attention`.
+
+    XLA picks the fused cuDNN kernel on GPUs where it applies; on CPU/TPU this is the XLA reference.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def maybe_remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """Returns `module_cls` wrapped in `nn.remat` with a named policy ('none' leaves it unchanged)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+    if policy == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)

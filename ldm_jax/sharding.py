@@ -83,3 +83,64 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Fully replicated sharding on `mesh`."""
     return NamedSharding(mesh, P())
+
+
+def mesh_from_config(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh from a config's `mesh` entry: a (data, fsdp, tensor) tuple or a dict with those keys; -1 fills."""
+    if hasattr(mesh_cfg, "items"):
+        unknown = set(mesh_cfg.keys()) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh has unknown axes {sorted(unknown)}; the axes are {MESH_AXES}")
+        shape = tuple(int(mesh_cfg.get(a, 1)) for a in MESH_AXES)
+    else:
+        shape = tuple(int(s) for s in mesh_cfg)
+    try:
+        return make_mesh(shape, devices)
+    except ValueError as e:
+        n = len(jax.devices() if devices is None else devices)
+        raise ValueError(f"{e}. Set --config.mesh so that data*fsdp*tensor = {n} (use -1 for one axis to fill).") from None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Starts the multi-process JAX runtime when the environment asks for it; returns whether it did.
+
+    Explicit values win; else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (set by
+    `launch/`), else cluster auto-detection (TPU pod, Slurm, ...) when LDM_JAX_DISTRIBUTED=1.
+    A single process with nothing set stays single-process.
+    """
+    import os
+
+    addr = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    n = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    pid = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    if addr and n is not None and pid is not None:
+        jax.distributed.initialize(coordinator_address=addr, num_processes=int(n), process_id=int(pid))
+        return True
+    if os.environ.get("LDM_JAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()  # auto-detects TPU pods and Slurm/MPI clusters
+        return True
+    return False
+
+
+def put_like(tree: Any, like: Any) -> Any:
+    """Places a tree of host (numpy) arrays with the shardings of `like` (works with several processes)."""
+
+    def put(x, ref):
+        x = np.asarray(x, dtype=ref.dtype)
+        if x.shape != ref.shape:
+            raise ValueError(f"shape {x.shape} does not match the expected {ref.shape}")
+        return jax.make_array_from_callback(x.shape, ref.sharding, lambda idx: x[idx])
+
+    return jax.tree_util.tree_map(put, tree, like)
+
+
+def host_to_global(batch: Any, mesh: Mesh) -> Any:
+    """A tree of identical-on-every-process numpy arrays -> global arrays with the batch sharded on (data, fsdp)."""
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda idx: x[idx])
+
+    return jax.tree_util.tree_map(put, batch)

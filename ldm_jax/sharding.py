@@ -112,6 +112,8 @@ def initialize_distributed(
     """
     import os
 
+    if jax.distributed.is_initialized():  # e.g. already started by launch/run_worker.py
+        return True
     addr = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     n = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
     pid = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")

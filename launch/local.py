@@ -44,8 +44,8 @@ def launch(cmd: list[str], num_processes: int, devices_per_process: int | None =
     procs = []
     for rank in range(num_processes):
         penv = dict(os.environ if env is None else env)
-        penv.update(LDM_JAX_COORDINATOR=f"127.0.0.1:{port}", LDM_JAX_NUM_PROCESSES=str(num_processes),
-                    LDM_JAX_PROCESS_ID=str(rank), PYTHONUNBUFFERED="1")
+        penv.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
+                    JAX_PROCESS_ID=str(rank), PYTHONUNBUFFERED="1")
         if devices_per_process:
             flags = [f for f in penv.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
             penv["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])

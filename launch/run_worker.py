@@ -3,11 +3,11 @@
     python3 launch/run_worker.py -m ldm_jax.train --config=configs/shapes.py --workdir=DIR
     python3 launch/run_worker.py path/to/script.py ARGS...
 
-With LDM_JAX_COORDINATOR (host:port), LDM_JAX_NUM_PROCESSES and LDM_JAX_PROCESS_ID set (what
-`launch/local.py` sets), the cluster is formed from them; otherwise `jax.distributed.initialize()` detects
-TPU pods, Slurm, Open MPI and Kubernetes by itself. A single process (no cluster found) runs unchanged.
-Code run afterwards should call `jax.distributed.initialize` only when `jax.distributed.is_initialized()`
-is False.
+With JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID set (what
+`launch/local.py` sets) the cluster is formed from them; with LDM_JAX_DISTRIBUTED=1 (what the TPU pod and
+Slurm scripts set) `jax.distributed.initialize()` detects TPU pods, Slurm, Open MPI and Kubernetes by
+itself. With neither, a single process runs unchanged. `ldm_jax.sharding.initialize_distributed`, which
+ldm_jax.train calls again, is then a no-op.
 """
 from __future__ import annotations
 
@@ -17,30 +17,10 @@ import sys
 
 
 def initialize() -> None:
-    """Forms the JAX cluster from LDM_JAX_* variables, else by auto-detection; no-op on a single host."""
-    import jax
+    """Forms the JAX cluster (`ldm_jax.sharding.initialize_distributed`); a lone process stays alone."""
+    from ldm_jax import sharding
 
-    if jax.distributed.is_initialized():
-        return
-    coordinator = os.environ.get("LDM_JAX_COORDINATOR")
-    if coordinator:
-        try:
-            num, pid = int(os.environ["LDM_JAX_NUM_PROCESSES"]), int(os.environ["LDM_JAX_PROCESS_ID"])
-        except KeyError as e:
-            raise SystemExit(f"LDM_JAX_COORDINATOR is set but {e.args[0]} is not") from None
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
-        return
-    cluster = any(os.environ.get(v) for v in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                                               "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"))
-    cluster = cluster or _on_tpu_pod()
-    if cluster:
-        jax.distributed.initialize()  # auto-detects coordinator, process count and id
-
-
-def _on_tpu_pod() -> bool:
-    # A multi-host TPU VM lists its workers in the metadata-derived env; single-host TPU VMs need no cluster.
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return "," in hosts
+    sharding.initialize_distributed()
 
 
 def main(argv: list[str]) -> None:

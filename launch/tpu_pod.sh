@@ -19,4 +19,4 @@ REPO="${REPO:-$(cd "$(dirname "$0")/.." && pwd)}"
 SETUP="${SETUP:-true}"
 ARGS=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" ${PROJECT:+--project="$PROJECT"} --worker=all \
-  --command="cd $(printf %q "$REPO") && $SETUP && python3 launch/run_worker.py$ARGS"
+  --command="cd $(printf %q "$REPO") && $SETUP && LDM_JAX_DISTRIBUTED=1 python3 launch/run_worker.py$ARGS"

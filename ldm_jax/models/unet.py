@@ -1,0 +1,198 @@
+"""The LDM / Stable Diffusion UNet ("openaimodel" topology, Rombach et al. 2022, arXiv 2112.10752), NHWC Flax linen.
+
+Conditioning modes: cross-attention on `context` (text), class labels `y` added to the time embedding
+(`num_classes`), concatenated inputs (the caller concatenates channels; `in_channels` counts them), none.
+`use_spatial_transformer=False` gives the unconditional LDMs' plain self-attention blocks.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ldm_jax.models import layers
+from ldm_jax.models.unet_blocks import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    timestep_embedding,
+)
+
+Dtype = layers.Dtype
+
+_SD1 = dict(
+    in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+    attention_resolutions=(4, 2, 1), num_heads=8, transformer_depth=1, context_dim=768,
+)
+# Presets are kwargs of `UNet` (LDM paper configs: configs/latent-diffusion/*.yaml, SD: v1/v2-inference.yaml).
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "sd1": _SD1,
+    "sd2": {**_SD1, "num_heads": -1, "num_head_channels": 64, "context_dim": 1024, "use_linear_in_transformer": True},
+    # unconditional LDM-4 on VQ-f4 latents (64x64x3): celebahq, ffhq and lsun-bedrooms share the UNet
+    "ldm4-celebahq": dict(
+        in_channels=3, out_channels=3, model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+        attention_resolutions=(8, 4, 2), num_heads=-1, num_head_channels=32, use_spatial_transformer=False,
+    ),
+    "ldm8-lsun-churches": dict(
+        in_channels=4, out_channels=4, model_channels=192, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=2,
+        attention_resolutions=(1, 2, 4, 8), num_heads=8, use_scale_shift_norm=True, resblock_updown=True,
+        use_spatial_transformer=False,
+    ),
+    # class-conditional ImageNet LDM-4: the class embedding (1001 -> 512) is a separate cond stage fed as context
+    "ldm4-cin256-v2": dict(
+        in_channels=3, out_channels=3, model_channels=192, channel_mult=(1, 2, 3, 5), num_res_blocks=2,
+        attention_resolutions=(8, 4, 2), num_heads=1, transformer_depth=1, context_dim=512,
+    ),
+    "ldm-kl8-txt2img": {**_SD1, "context_dim": 1280},
+    # small enough to train on a CPU; text-conditioned like SD
+    "tiny": dict(
+        in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+        attention_resolutions=(2,), num_heads=-1, num_head_channels=32, transformer_depth=1, context_dim=64,
+        use_linear_in_transformer=True,
+    ),
+}
+UNET_PRESETS["ldm4-ffhq"] = dict(UNET_PRESETS["ldm4-celebahq"])
+UNET_PRESETS["ldm4-lsun-bedrooms"] = dict(UNET_PRESETS["ldm4-celebahq"])
+
+
+class UNet(nn.Module):
+    """openaimodel UNetModel: time embedding, input blocks, middle block, output blocks with skip connections."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: Sequence[int] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = (4, 2, 1)  # downsampling factors at which to attend
+    num_heads: int = 8  # -1 when num_head_channels gives the head width
+    num_head_channels: int = -1
+    transformer_depth: int | Sequence[int] = 1  # an int, or one per level
+    context_dim: int | None = None
+    use_spatial_transformer: bool = True
+    use_linear_in_transformer: bool = False
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    num_classes: int | None = None
+    dropout: float = 0.0
+    remat_policy: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def heads(self, channels: int) -> int:
+        """Attention heads at a level of `channels` width (openaimodel's num_heads / num_head_channels rule)."""
+        if self.num_head_channels != -1:
+            if channels % self.num_head_channels:
+                raise ValueError(f"{channels} channels are not divisible by num_head_channels={self.num_head_channels}")
+            return channels // self.num_head_channels
+        if self.num_heads < 1 or channels % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be >= 1 and divide {channels} channels")
+        return self.num_heads
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks per attention layer at `level`."""
+        d = self.transformer_depth
+        return d if isinstance(d, int) else tuple(d)[level]
+
+    def _check(self, x: jax.Array, timesteps: jax.Array, context: jax.Array | None, y: jax.Array | None) -> None:
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"UNet expects x of shape (B, H, W, {self.in_channels}), got {x.shape}")
+        f = 2 ** (len(self.channel_mult) - 1)
+        if x.shape[1] % f or x.shape[2] % f:
+            raise ValueError(f"UNet input height/width {x.shape[1:3]} must be divisible by {f}")
+        if jnp.ndim(timesteps) != 1 or timesteps.shape[0] != x.shape[0]:
+            raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {jnp.shape(timesteps)}")
+        if self.context_dim is not None:
+            if context is None or context.ndim != 3 or context.shape[-1] != self.context_dim:
+                got = None if context is None else context.shape
+                raise ValueError(f"UNet with context_dim={self.context_dim} needs context (B, L, {self.context_dim}), got {got}")
+        elif context is not None:
+            raise ValueError("this UNet has no cross-attention (context_dim=None) but context was given")
+        if (self.num_classes is None) != (y is None):
+            raise ValueError(f"class labels y must be given iff num_classes is set (num_classes={self.num_classes})")
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        timesteps: jax.Array,
+        context: jax.Array | None = None,
+        y: jax.Array | None = None,
+        *,
+        train: bool = False,
+    ) -> jax.Array:
+        """Predicts the model output (eps / v / x0) for NHWC latents `x` at `timesteps`."""
+        timesteps = jnp.asarray(timesteps)
+        self._check(x, timesteps, context, y)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mc = self.model_channels
+        emb = timestep_embedding(timesteps, mc)
+        emb = layers.dense(4 * mc, name="time_embedding_linear_1", **kw)(emb)
+        emb = layers.dense(4 * mc, name="time_embedding_linear_2", **kw)(nn.silu(emb))
+        if self.num_classes is not None:
+            table = nn.Embed(
+                self.num_classes, 4 * mc, param_dtype=self.param_dtype, name="class_embedding",
+                embedding_init=layers.partitioned(nn.initializers.normal(1.0), ("vocab", "embed")),
+            )
+            emb = emb + table(y).astype(emb.dtype)
+        if context is not None:
+            context = context.astype(self.dtype)
+
+        res = layers.maybe_remat(ResBlock, self.remat_policy, static_argnums=(3,))
+        attn_cls = SpatialTransformer if self.use_spatial_transformer else AttentionBlock
+        attn_cls = layers.maybe_remat(attn_cls, self.remat_policy, static_argnums=(3,))
+
+        def resblock(ch: int, name: str, **extra: Any) -> nn.Module:
+            return res(ch, self.use_scale_shift_norm, dropout=self.dropout, name=name, **extra, **kw)
+
+        def attention(ch: int, level: int, name: str) -> nn.Module:
+            if self.use_spatial_transformer:
+                heads = self.heads(ch)
+                return attn_cls(heads, ch // heads, self.depth(level), self.dropout, self.remat_policy, name=name, **kw)
+            return attn_cls(self.heads(ch), name=name, **kw)
+
+        constrain = lambda t: nn.with_logical_constraint(t, ("batch", "height", "width", "channels"))  # noqa: E731
+        h = constrain(layers.conv(mc, 3, name="conv_in", **kw)(x.astype(self.dtype)))
+        skips = [h]
+        ds = 1
+        levels = len(self.channel_mult)
+        for level, mult in enumerate(self.channel_mult):
+            ch = mult * mc
+            for i in range(self.num_res_blocks):
+                h = resblock(ch, f"down_{level}_res_{i}")(h, emb, train)
+                if ds in self.attention_resolutions:
+                    h = attention(ch, level, f"down_{level}_attn_{i}")(h, context, train)
+                skips.append(h)
+            if level != levels - 1:
+                if self.resblock_updown:
+                    h = resblock(ch, f"down_{level}_downsample", down=True)(h, emb, train)
+                else:
+                    h = Downsample(ch, self.conv_resample, name=f"down_{level}_downsample", **kw)(h)
+                skips.append(constrain(h))
+                ds *= 2
+
+        h = resblock(h.shape[-1], "mid_res_0")(h, emb, train)
+        h = attention(h.shape[-1], levels - 1, "mid_attn")(h, context, train)
+        h = resblock(h.shape[-1], "mid_res_1")(h, emb, train)
+
+        for level in reversed(range(levels)):
+            ch = self.channel_mult[level] * mc
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = resblock(ch, f"up_{level}_res_{i}")(h, emb, train)
+                if ds in self.attention_resolutions:
+                    h = attention(ch, level, f"up_{level}_attn_{i}")(h, context, train)
+            if level:
+                if self.resblock_updown:
+                    h = resblock(ch, f"up_{level}_upsample", up=True)(h, emb, train)
+                else:
+                    h = Upsample(ch, self.conv_resample, name=f"up_{level}_upsample", **kw)(h)
+                h = constrain(h)
+                ds //= 2
+
+        h = nn.silu(layers.group_norm(32, name="norm_out", **kw)(h))
+        return layers.conv(self.out_channels, 3, kernel_init=nn.initializers.zeros_init(), name="conv_out", **kw)(h)

@@ -1,0 +1,111 @@
+"""CLIPTextTransformer: parity with transformers' CLIPTextModel goldens, parameter count, sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from ldm_jax.interop import clip
+from ldm_jax.interop.common import StrictStateDict, load_safetensors
+from ldm_jax.models.text import TEXT_PRESETS, CLIPTextTransformer
+from ldm_jax.sharding import logical_sharding, make_mesh
+
+_OUTPUTS = {"input_ids", "last_hidden_state", "pooler_output", "penultimate_normed", "text_embeds"}
+
+
+def _golden(goldens_dir, name):
+    t = load_safetensors(goldens_dir / f"text_{name}.safetensors")
+    weights = {k: v for k, v in t.items() if k not in _OUTPUTS}
+    return weights, t
+
+
+def _close(ours, ref):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+SD1_KW = dict(vocab_size=512, width=32, layers=2, heads=4, mlp_dim=64, act="quick_gelu")
+SD2_KW = dict(vocab_size=512, width=32, layers=3, heads=4, mlp_dim=64, act="gelu", eos_token_id=511,
+              projection_dim=16, output_layer=-2)
+
+
+def test_sd1_style_matches_transformers(goldens_dir):
+    weights, t = _golden(goldens_dir, "sd1")
+    # the stored config: eos_token_id=2 is transformers' legacy "pool at argmax" rule
+    assert clip.config_from_diffusers({"hidden_act": "quick_gelu", "eos_token_id": 2})["eos_token_id"] is None
+    params = clip.from_diffusers(StrictStateDict(weights), SD1_KW)
+    hidden, pooled = jax.jit(CLIPTextTransformer(**SD1_KW).apply)({"params": params}, t["input_ids"])
+    _close(hidden, t["last_hidden_state"])
+    _close(pooled, t["pooler_output"])
+
+
+def test_sd2_style_penultimate_matches_transformers(goldens_dir):
+    weights, t = _golden(goldens_dir, "sd2")
+    params = clip.from_diffusers(StrictStateDict(weights), SD2_KW)
+    hidden, pooled = jax.jit(CLIPTextTransformer(**SD2_KW).apply)({"params": params}, t["input_ids"])
+    _close(hidden, t["penultimate_normed"])  # hidden_states[-2] -> final_layer_norm, as SD2 conditions
+    _close(pooled, t["text_embeds"])  # first EOS (padding reuses the EOS id), then text_projection
+    # diffusers' SD2 text encoder is the truncated model: its last layer == our penultimate output
+    cfg = clip.config_to_diffusers(SD2_KW)
+    assert cfg["num_hidden_layers"] == 2 and cfg["architectures"] == ["CLIPTextModel"]
+    kw = clip.config_from_diffusers(cfg)
+    sd = clip.to_diffusers(params, SD2_KW)
+    trunc = clip.from_diffusers(StrictStateDict(sd), kw)
+    hidden2, _ = jax.jit(CLIPTextTransformer(**kw).apply)({"params": trunc}, t["input_ids"])
+    np.testing.assert_allclose(np.asarray(hidden2), np.asarray(hidden), atol=1e-6)
+
+
+def test_clip_vit_l_14_parameter_count():
+    m = CLIPTextTransformer(**TEXT_PRESETS["clip-vit-l-14"])
+    shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32)))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(meta.unbox(shapes))) == 123_060_480
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_PRESETS))
+def test_presets_build(name):
+    m = CLIPTextTransformer(**TEXT_PRESETS[name])
+    out = jax.eval_shape(lambda: m.init_with_output(jax.random.key(0), jnp.zeros((2, 77), jnp.int32)))
+    hidden, pooled = out[0]
+    assert hidden.shape == (2, 77, TEXT_PRESETS[name]["width"]) and pooled.shape == (2, TEXT_PRESETS[name]["width"])
+
+
+def test_causal_mask_and_bidirectional():
+    kw = dict(TEXT_PRESETS["tiny"])
+    ids = np.random.default_rng(0).integers(0, 1000, (1, 16)).astype(np.int32)
+    ids2 = ids.copy()
+    ids2[0, 10:] = 7  # change only the tail
+    for causal in (True, False):
+        m = CLIPTextTransformer(**kw, causal=causal)
+        p = m.init(jax.random.key(1), ids)
+        h1, _ = jax.jit(m.apply)(p, np.concatenate([ids, ids2]))
+        h1, h2 = h1[:1], h1[1:]
+        head_same = np.allclose(h1[0, :10], h2[0, :10], atol=1e-6)
+        assert head_same == causal  # causal: earlier tokens never see later ones
+
+
+def test_remat_bf16_and_sharded_match():
+    kw = dict(TEXT_PRESETS["tiny"])
+    ids = np.random.default_rng(0).integers(0, 1000, (8, 77)).astype(np.int32)
+    m = CLIPTextTransformer(**kw)
+    boxed = m.init(jax.random.key(0), ids[:1])
+    params = meta.unbox(boxed)
+    ref, _ = jax.jit(m.apply)(params, ids)
+    remat, _ = jax.jit(CLIPTextTransformer(**kw, remat_policy="full").apply)(params, ids)
+    np.testing.assert_allclose(remat, ref, atol=1e-6)
+    bf16, _ = jax.jit(CLIPTextTransformer(**kw, dtype=jnp.bfloat16).apply)(params, ids)
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(bf16, np.float32), ref, atol=0.1)
+    mesh = make_mesh((2, 2, 2))
+    shardings = logical_sharding(boxed, mesh)
+    sharded = jax.device_put(params, shardings)
+    assert sharded["params"]["layers_0"]["fc1"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    out, _ = jax.jit(m.apply)(sharded, ids)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_bad_fields_raise():
+    with pytest.raises(ValueError, match="act must be"):
+        CLIPTextTransformer(**{**TEXT_PRESETS["tiny"], "act": "relu"}).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="more than max_length"):
+        CLIPTextTransformer(**TEXT_PRESETS["tiny"]).init(jax.random.key(0), jnp.zeros((1, 78), jnp.int32))

@@ -1,0 +1,52 @@
+"""The `data` block of a training config."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Defaults: the built-in shapes dataset at 32 px, random crop + flip, captions and labels kept.
+
+    Lists are comma-separated strings so that they can be set from the command line
+    (`--config.data.shapes.colors=red,green,blue`).
+    """
+    c = ml_collections.ConfigDict()
+    c.source = "shapes"  # "shapes" | "folder" | "tfds"
+    c.name = ""  # tfds dataset name for source="tfds", e.g. "cifar10", "lsun/church_outdoor"
+    c.path = ""  # image folder for source="folder" (captions in <image>.txt or metadata.jsonl)
+    c.data_dir = "~/tensorflow_datasets"  # where prepared datasets live (one subdirectory per variant)
+    c.train_split = "train"  # tfds split string used when make_dataset(split="train")
+    c.image_key = "image"
+    c.caption_key = "caption"  # "" = no captions (unconditional, or class-conditional via label_key)
+    c.label_key = "label"  # "" = no labels
+    c.resolution = 32
+    c.crop = "random"  # "random" | "center" (evaluation splits always use center)
+    c.flip = True  # random horizontal flip (training split only)
+    c.small_images = "upscale"  # images whose smaller side is below `resolution`: "upscale" | "skip"
+    c.shuffle = True
+    c.num_epochs = 0  # 0 = repeat forever
+    c.num_threads = 2  # grain reader threads (decode + preprocess)
+    c.read_buffer = 64  # examples grain reads ahead
+    c.prefetch = 2  # global batches assembled ahead on device
+
+    c.shapes = ml_collections.ConfigDict()
+    c.shapes.seed = 0
+    c.shapes.num_train = 10000
+    c.shapes.num_test = 500
+    c.shapes.num_heldout = 500
+    c.shapes.colors = "red,green,blue,yellow,magenta,cyan"
+    c.shapes.shapes = "circle,square,triangle"
+    c.shapes.sizes = "small,large"
+    c.shapes.positions = "top left,top,top right,left,center,right,bottom left,bottom,bottom right"
+    c.shapes.backgrounds = "black,white,gray,blue"
+    c.shapes.heldout = "red:triangle,green:square,blue:circle"  # color:shape pairs never in train
+    return c
+
+
+def shapes_spec(data_config: ml_collections.ConfigDict):
+    """The ShapesSpec described by a data config (resolution comes from data_config.resolution)."""
+    from ldm_jax.data.shapes import ShapesSpec
+
+    s = data_config.shapes
+    return ShapesSpec(resolution=data_config.resolution, colors=s.colors, shapes=s.shapes, sizes=s.sizes,
+                      positions=s.positions, backgrounds=s.backgrounds, heldout=s.heldout)

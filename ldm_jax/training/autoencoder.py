@@ -1,0 +1,362 @@
+"""The first-stage objective: KL / VQ autoencoders with LDM's perceptual + adversarial loss.
+
+Reproduces LDM's `LPIPSWithDiscriminator` (ldm/modules/losses/contperceptual.py) for KL models and taming's
+`VQLPIPSWithDiscriminator` for VQ models (Esser et al. 2021, arXiv 2012.09841, eq. 5-7; Rombach et al. 2022):
+  rec   = pixel_weight |x - x̂| + perceptual_weight LPIPS(x, x̂)        (LPIPS broadcast over every pixel)
+  KL:  nll = sum(rec / exp(logvar) + logvar) / B,   reg = kl_weight * sum(KL) / B
+  VQ:  nll = mean(rec),                              reg = codebook_weight * codebook_loss
+  g    = -mean D(x̂)
+  λ    = clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4) * disc_weight    (L = decoder's last conv weight)
+  loss_ae = nll + reg + λ * disc_factor * g,  disc_factor = 0 before `disc_start`
+  loss_d  = disc_factor * hinge|vanilla(D(x), D(x̂))
+One train step updates the autoencoder with its Adam, then recomputes x̂ with the new weights and updates the
+discriminator with its own Adam, as Lightning's two-optimizer loop does in the reference. The logvar is a
+scalar that LDM's `configure_optimizers` never hands to an optimizer (it stays at `logvar_init`); set
+`loss.learn_logvar=True` to train it (its own parameter group, as in SD's later `generative-models`).
+Before `disc_start` the GAN branch is skipped with `lax.cond` (its contribution is multiplied by 0 anyway);
+the discriminator's Adam still steps on zero gradients, exactly as the reference's does.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ldm_jax import metrics
+from ldm_jax.models.autoencoder import VAE_PRESETS, VQModel, autoencoder_class
+from ldm_jax.models.discriminator import D_LOSSES, NLayerDiscriminator
+from ldm_jax.models.lpips import LPIPS
+from ldm_jax.training.objective import ConfigError
+from ldm_jax.training.optim import make_optimizer
+from ldm_jax.training.state import apply_gradients
+
+log = logging.getLogger("ldm_jax.train")
+
+LAST_LAYER = ("decoder", "conv_out", "kernel")
+
+
+# ------------------------------------------------------------------------------------------- formulas
+def adaptive_weight(nll_grad: jax.Array, g_grad: jax.Array, disc_weight: float) -> jax.Array:
+    """λ = clamp(‖∇nll‖ / (‖∇g‖ + 1e-4), 0, 1e4) * disc_weight, gradients at the decoder's last layer (taming)."""
+    norm = lambda a: jnp.sqrt(jnp.sum(jnp.square(a.astype(jnp.float32))))  # noqa: E731
+    w = norm(nll_grad) / (norm(g_grad) + 1e-4)
+    return jax.lax.stop_gradient(jnp.clip(w, 0.0, 1e4) * disc_weight)
+
+
+def reconstruction_nll(
+    x: jax.Array, recon: jax.Array, logvar: jax.Array, p_loss: jax.Array | None, *, kind: str,
+    pixel_weight: float = 1.0, perceptual_weight: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """(nll, mean rec) of the KL loss (sum over pixels / B, with logvar) or the VQ loss (mean, no logvar)."""
+    rec = pixel_weight * jnp.abs(x.astype(jnp.float32) - recon.astype(jnp.float32))
+    if p_loss is not None:
+        rec = rec + perceptual_weight * p_loss.reshape(-1, 1, 1, 1)
+    if kind == "vq":
+        return jnp.mean(rec), jnp.mean(rec)
+    nll = rec / jnp.exp(logvar) + logvar
+    return jnp.sum(nll) / x.shape[0], jnp.mean(rec)
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+# ------------------------------------------------------------------------------------------- config
+def default_loss_config() -> ml_collections.ConfigDict:
+    """The `loss` block: LDM's `LPIPSWithDiscriminator` / taming's `VQLPIPSWithDiscriminator` arguments."""
+    return ml_collections.ConfigDict(
+        dict(
+            disc_start=50001,
+            disc_factor=1.0,
+            disc_weight=0.5,
+            disc_loss="hinge",
+            disc_layers=3,
+            disc_ndf=64,
+            pixel_weight=1.0,
+            perceptual_weight=1.0,
+            lpips_weights="",  # file(s), comma-separated: see ldm_jax.interop.lpips
+            kl_weight=1e-6,
+            codebook_weight=1.0,
+            logvar_init=0.0,
+            learn_logvar=False,
+        )
+    )
+
+
+def model_kwargs(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Autoencoder kwargs from `config.model` (a `VAE_PRESETS` name plus field overrides)."""
+    if model_cfg.preset not in VAE_PRESETS:
+        raise ConfigError(f"model.preset={model_cfg.preset!r} is unknown; choose one of {sorted(VAE_PRESETS)}")
+    kwargs = {**VAE_PRESETS[model_cfg.preset], **model_cfg.get("overrides", {})}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+# ------------------------------------------------------------------------------------------- objective
+class AutoencoderObjective:
+    """First-stage training (see the module docstring); implements `ldm_jax.training.objective.Objective`."""
+
+    name = "autoencoder"
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.loss_cfg = config.loss
+        self.kwargs = model_kwargs(config.model)
+        dtype = jnp.dtype(config.model.get("dtype", "float32"))
+        self.model = autoencoder_class(self.kwargs)(**self.kwargs, dtype=dtype)
+        self.kind = "vq" if isinstance(self.model, VQModel) else "kl"
+        lc = self.loss_cfg
+        if lc.disc_loss not in D_LOSSES:
+            raise ConfigError(f"loss.disc_loss={lc.disc_loss!r} is unknown; choose one of {sorted(D_LOSSES)}")
+        self.disc = NLayerDiscriminator(in_channels=self.kwargs.get("out_ch", 3), ndf=lc.disc_ndf, n_layers=lc.disc_layers)
+        self.gan = lc.disc_factor > 0
+        self.lpips = LPIPS() if lc.perceptual_weight > 0 else None
+        self.ema_groups = tuple(config.get("ema_groups", ()))
+        self._opt = {}
+        for g in self._groups():
+            self._opt[g] = make_optimizer(config.optim, config.global_batch_size)
+        self._eval_fn = None
+
+    def _groups(self) -> tuple[str, ...]:
+        return ("ae", "disc") + (("logvar",) if self.loss_cfg.learn_logvar else ())
+
+    # --- interface ----------------------------------------------------------------------------------
+    def init(self, key: jax.Array) -> dict[str, Any]:
+        """Random AE / discriminator / LPIPS weights (LPIPS is replaced from disk in `load_pretrained`)."""
+        k_ae, k_post, k_d, k_p = jax.random.split(key, 4)
+        x = jnp.zeros((1, 32, 32, self.kwargs.get("in_channels", 3)), jnp.float32)
+        if self.kind == "kl":
+            ae = self.model.init({"params": k_ae}, x, key=k_post)
+        else:
+            ae = self.model.init({"params": k_ae}, x)
+        d = self.disc.init(k_d, jnp.zeros((1, 32, 32, self.disc.in_channels)), train=False)
+        logvar = jnp.full((), self.loss_cfg.logvar_init, jnp.float32)
+        params = {"ae": ae["params"], "disc": d["params"]}
+        extra = {"disc_batch_stats": d["batch_stats"]}
+        if self.loss_cfg.learn_logvar:
+            params["logvar"] = logvar
+        else:
+            extra["logvar"] = logvar
+        frozen = {"lpips": self.lpips.init(k_p, x[..., :3], x[..., :3])["params"]} if self.lpips else {}
+        return {"params": params, "frozen": frozen, "extra": extra}
+
+    def optimizers(self) -> dict[str, optax.GradientTransformation]:
+        return {g: tx for g, (tx, _) in self._opt.items()}
+
+    def schedules(self) -> dict[str, optax.Schedule]:
+        return {g: s for g, (_, s) in self._opt.items()}
+
+    def validate(self, mesh) -> None:
+        """Fails early on missing LPIPS weights; warns when the perceptual term is off."""
+        lc = self.loss_cfg
+        if lc.perceptual_weight > 0:
+            if not lc.lpips_weights:
+                raise ConfigError(
+                    "loss.perceptual_weight > 0 needs LPIPS weights, which cannot be downloaded here: set "
+                    "--config.loss.lpips_weights=VGG16.pth,LPIPS_HEADS.pth (torchvision's vgg16-397923af.pth and the "
+                    "lpips package's lpips/weights/v0.1/vgg.pth, or one file made by `python -m ldm_jax.interop.lpips "
+                    "OUT.safetensors VGG16.pth HEADS.pth`), or train without it: --config.loss.perceptual_weight=0"
+                )
+            for p in str(lc.lpips_weights).split(","):
+                if p and not pathlib.Path(p).exists():
+                    raise ConfigError(f"loss.lpips_weights: no file at {p}")
+        else:
+            log.warning(
+                "loss.perceptual_weight=0: training the autoencoder WITHOUT the LPIPS perceptual loss; "
+                "reconstructions will be blurrier than the reference recipe's"
+            )
+        if self.gan and lc.disc_start > self.config.num_steps:
+            log.warning("loss.disc_start=%d is after num_steps=%d: the discriminator never acts",
+                        lc.disc_start, self.config.num_steps)
+
+    def load_pretrained(self, state, mesh):
+        """Loads the LPIPS weights named by `loss.lpips_weights` into `frozen`."""
+        if self.lpips is None:
+            return state
+        from ldm_jax.interop.lpips import load_lpips_params
+        from ldm_jax.sharding import put_like
+
+        lp = put_like(load_lpips_params(self.loss_cfg.lpips_weights), state.frozen["lpips"])
+        return state.replace(frozen={**state.frozen, "lpips": lp})
+
+    def export(self, state) -> dict[str, Any]:
+        return {"first_stage": {"kind": self.kind, "kwargs": self.kwargs}}
+
+    # --- the step ------------------------------------------------------------------------------------
+    def _reconstruct(self, ae_params, x, key):
+        """(x̂, regulariser) with gradients; reg = sum(KL)/B or the codebook loss."""
+        if self.kind == "kl":
+            recon, post = self.model.apply({"params": ae_params}, x, key=key)
+            return recon, jnp.sum(post.kl()) / x.shape[0]
+        recon, qloss, _ = self.model.apply({"params": ae_params}, x)
+        return recon, jnp.mean(qloss)
+
+    def _disc(self, params, stats, x):
+        logits, upd = self.disc.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+        return logits, upd["batch_stats"]
+
+    def train_step(self, state, batch, key):
+        """AE update (nll + reg + adaptive-weighted GAN term), then discriminator update; pure and jittable."""
+        lc = self.loss_cfg
+        x = batch["image"].astype(jnp.float32)
+        k_ae, k_d = jax.random.split(key)
+        gan_on = jnp.logical_and(state.step >= lc.disc_start, self.gan)
+        disc_factor = jnp.where(gan_on, lc.disc_factor, 0.0)
+        learn_lv = lc.learn_logvar
+        logvar = state.params["logvar"] if learn_lv else state.extra["logvar"]
+        dp, stats = state.params["disc"], state.extra["disc_batch_stats"]
+        reg_weight = lc.kl_weight if self.kind == "kl" else lc.codebook_weight
+
+        (recon, reg), vjp = jax.vjp(lambda p: self._reconstruct(p, x, k_ae), state.params["ae"])
+
+        def nll_fn(r, lv):
+            p_loss = self.lpips.apply({"params": state.frozen["lpips"]}, x, r) if self.lpips else None
+            nll, rec = reconstruction_nll(x, r, lv, p_loss, kind=self.kind, pixel_weight=lc.pixel_weight,
+                                          perceptual_weight=lc.perceptual_weight)
+            return nll, (rec, jnp.mean(p_loss) if p_loss is not None else jnp.zeros(()))
+
+        (nll, (rec, p_mean)), (g_rec_nll, g_logvar) = jax.value_and_grad(nll_fn, (0, 1), has_aux=True)(recon, logvar)
+        (grads_base,) = vjp((g_rec_nll, jnp.asarray(reg_weight, reg.dtype)))
+
+        def with_gan(_):
+            def g_fn(r):
+                return -jnp.mean(self._disc(dp, stats, r)[0])
+
+            g_loss, g_rec = jax.value_and_grad(g_fn)(recon)
+            (grads_g,) = vjp((g_rec, jnp.zeros_like(reg)))
+            d_weight = adaptive_weight(_get(grads_base, LAST_LAYER), _get(grads_g, LAST_LAYER), lc.disc_weight)
+            scale = d_weight * disc_factor
+            grads = jax.tree_util.tree_map(lambda a, b: a + scale * b, grads_base, grads_g)
+            return grads, g_loss, d_weight
+
+        def without_gan(_):
+            return grads_base, jnp.zeros(()), jnp.zeros(())
+
+        if self.gan:
+            grads, g_loss, d_weight = jax.lax.cond(gan_on, with_gan, without_gan, None)
+        else:
+            grads, g_loss, d_weight = without_gan(None)
+        loss = nll + reg_weight * reg + d_weight * disc_factor * g_loss
+        state, gn_ae = apply_gradients(state, "ae", grads, self._opt["ae"][0])
+        if learn_lv:
+            state, _ = apply_gradients(state, "logvar", g_logvar, self._opt["logvar"][0])
+
+        # Discriminator: a fresh forward with the updated autoencoder (Lightning runs training_step per optimizer).
+        def disc_active(_):
+            recon2, _ = self._reconstruct(state.params["ae"], x, k_d)
+            recon2 = jax.lax.stop_gradient(recon2)
+
+            def d_fn(p):
+                real, s1 = self._disc(p, stats, x)
+                fake, s2 = self._disc(p, s1, recon2)
+                return disc_factor * D_LOSSES[lc.disc_loss](real, fake), (s2, jnp.mean(real), jnp.mean(fake))
+
+            (d_loss, (s2, lr_, lf_)), g = jax.value_and_grad(d_fn, has_aux=True)(dp)
+            return g, s2, d_loss, lr_, lf_
+
+        def disc_idle(_):
+            z = jnp.zeros(())
+            return jax.tree_util.tree_map(jnp.zeros_like, dp), stats, z, z, z
+
+        if self.gan:
+            d_grads, new_stats, d_loss, l_real, l_fake = jax.lax.cond(gan_on, disc_active, disc_idle, None)
+        else:
+            d_grads, new_stats, d_loss, l_real, l_fake = disc_idle(None)
+        state, gn_d = apply_gradients(state, "disc", d_grads, self._opt["disc"][0])
+        state = state.replace(extra={**state.extra, "disc_batch_stats": new_stats})
+        metrics_out = {
+            "loss": loss, "nll": nll, "rec_loss": rec, "p_loss": p_mean, ("kl" if self.kind == "kl" else "codebook"): reg,
+            "g_loss": g_loss, "d_weight": d_weight, "disc_factor": disc_factor, "d_loss": d_loss,
+            "logits_real": l_real, "logits_fake": l_fake, "logvar": logvar, "grad_norm_ae": gn_ae, "grad_norm_disc": gn_d,
+        }  # fmt: skip
+        return state, metrics_out
+
+    # --- data and evaluation -------------------------------------------------------------------------
+    def make_dataset(self, mesh, split: str = "train", batch_size: int | None = None):
+        """The training (or evaluation) iterator from `config.data` (ldm_jax.data.make_dataset)."""
+        from ldm_jax.data import make_dataset
+
+        return make_dataset(self.config.data, mesh=mesh, global_batch_size=batch_size or self.config.global_batch_size,
+                            seed=self.config.seed, split=split)
+
+    def reconstruct_fn(self):
+        """jit(params, x) -> (x̂ from the posterior mode, per-image PSNR, per-image SSIM) on [0, 1] images."""
+        if self._eval_fn is None:
+
+            def fn(ae_params, x):
+                if self.kind == "kl":
+                    recon, _ = self.model.apply({"params": ae_params}, x, sample_posterior=False)
+                else:
+                    recon, _, _ = self.model.apply({"params": ae_params}, x)
+                a, b = metrics.to_unit(x), metrics.to_unit(recon)
+                return recon, metrics.psnr(a, b), metrics.ssim(a, b)
+
+            self._eval_fn = jax.jit(fn)
+        return self._eval_fn
+
+    def evaluate(self, ae_params, batches) -> dict[str, float]:
+        """Mean PSNR / SSIM of the reconstructions of `batches` (an iterable of {"image": ...})."""
+        fn = self.reconstruct_fn()
+        ps, ss = [], []
+        for b in batches:
+            _, p, s = fn(ae_params, b["image"])
+            ps.append(_host(p))
+            ss.append(_host(s))
+        return {"psnr": float(np.mean(np.concatenate(ps))), "ssim": float(np.mean(np.concatenate(ss)))}
+
+    def hooks(self):
+        from ldm_jax.training.loop import Hook
+
+        ev = self.config.eval
+        return [Hook(every=int(ev.every), fn=self._eval_hook, name="reconstructions")] if ev.every > 0 else []
+
+    def _eval_hook(self, ctx) -> None:
+        ev = self.config.eval
+        params = ctx.state.ema["ae"] if "ae" in ctx.state.ema else ctx.state.params["ae"]
+        it = self.make_dataset(ctx.mesh, split=ev.split, batch_size=ev.batch_size)
+        batches = [next(it) for _ in range(ev.num_batches)]
+        scores = self.evaluate(params, batches)
+        recon, _, _ = self.reconstruct_fn()(params, batches[0]["image"])
+        grid = recon_grid(_host(batches[0]["image"])[: ev.grid_images], _host(recon)[: ev.grid_images])
+        if jax.process_index() == 0:
+            out = pathlib.Path(ctx.workdir) / "reconstructions"
+            out.mkdir(parents=True, exist_ok=True)
+            from PIL import Image
+
+            Image.fromarray(grid).save(out / f"step_{ctx.step:08d}.png")
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": ctx.step, "split": ev.split, **scores}) + "\n")
+            if ctx.writer is not None:
+                ctx.writer.add_image("eval/reconstructions", grid, ctx.step, dataformats="HWC")
+                for k, v in scores.items():
+                    ctx.writer.add_scalar(f"eval/{k}", v, ctx.step)
+                ctx.writer.flush()
+        log.info("step %d: held-out %s PSNR %.2f dB, SSIM %.4f", ctx.step, ev.split, scores["psnr"], scores["ssim"])
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def recon_grid(images: np.ndarray, recons: np.ndarray) -> np.ndarray:
+    """uint8 grid: one row per image, (input | reconstruction), from NHWC arrays in [-1, 1]."""
+    to8 = lambda a: np.round(np.clip((np.asarray(a, np.float32) + 1) * 127.5, 0, 255)).astype(np.uint8)  # noqa: E731
+    rows = [np.concatenate([to8(a), to8(b)], axis=1) for a, b in zip(images, recons)]
+    return np.concatenate(rows, axis=0)
+
+
+def build(config: ml_collections.ConfigDict) -> AutoencoderObjective:
+    """The objective for `config.objective == "autoencoder"`."""
+    return AutoencoderObjective(config)

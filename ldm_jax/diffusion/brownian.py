@@ -1,0 +1,91 @@
+"""Noise sources for samplers: i.i.d. draws from a key, and a virtual Brownian tree.
+
+A noise sampler is `noise_sampler(i, sigma, sigma_next) -> array like x`; `i` counts the draws of
+one sampling run from 0 (it may be a traced int). The Brownian-tree source returns the normalised
+increment (W(σ_next) − W(σ)) / sqrt(|σ_next − σ|) of one fixed Brownian path, so the noise a step
+sees depends on the interval it covers rather than on the step count (k-diffusion's
+`BrownianTreeNoiseSampler`, backed there by torchsde).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+NoiseSampler = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def key_noise_sampler(key: jax.Array, x: jax.Array) -> NoiseSampler:
+    """Independent N(0, I) draws like x, the i-th from fold_in(key, i)."""
+    shape, dtype = x.shape, x.dtype
+
+    def sample(i, sigma, sigma_next):
+        return jax.random.normal(jax.random.fold_in(key, i), shape, dtype)
+
+    return sample
+
+
+class BrownianTree:
+    """A virtual Brownian tree (Gaines & Lyons 1997; Li et al. 2020, "Scalable Gradients for SDEs").
+
+    W on [t0, t1] with W(t0) = 0 is never stored: W(t) is rebuilt by bisecting [t0, t1] `depth`
+    times, sampling each midpoint from its Brownian-bridge law
+    W(m) | W(a), W(b) ~ N((W(a) + W(b)) / 2, (b − a) / 4) with a key fixed by the node's path, and
+    interpolating linearly inside the final leaf. Queries are therefore consistent: the same t
+    always gives the same W(t), and increments over disjoint intervals are independent.
+    """
+
+    def __init__(self, key: jax.Array, shape: tuple[int, ...], dtype, t0, t1, depth: int | None = None):
+        self.key = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        self.shape, self.dtype = tuple(shape), jnp.dtype(dtype)
+        self.t0 = jnp.asarray(t0, self.dtype)
+        self.t1 = jnp.asarray(t1, self.dtype)
+        # Leaves near float resolution so the linear interpolation error is negligible.
+        self.depth = depth if depth is not None else (48 if self.dtype.itemsize >= 8 else 32)
+
+    def _normal(self, key):
+        return jax.random.normal(jax.random.wrap_key_data(key), self.shape, self.dtype)
+
+    def w(self, t) -> jax.Array:
+        """W(t) for t clipped to [t0, t1]."""
+        t = jnp.clip(jnp.asarray(t, self.dtype), self.t0, self.t1)
+        root, first = jax.random.split(jax.random.wrap_key_data(self.key))
+        w1 = jnp.sqrt(self.t1 - self.t0) * jax.random.normal(root, self.shape, self.dtype)
+
+        def level(_, state):
+            a, b, wa, wb, key = state
+            m = (a + b) / 2
+            keys = jax.random.split(jax.random.wrap_key_data(key), 3)
+            k_mid, k_left, k_right = (jax.random.key_data(k) for k in keys)
+            wm = (wa + wb) / 2 + jnp.sqrt((b - a) / 4) * self._normal(k_mid)
+            left = t < m
+            return (jnp.where(left, a, m), jnp.where(left, m, b), jnp.where(left, wa, wm),
+                    jnp.where(left, wm, wb), jnp.where(left, k_left, k_right))
+
+        init = (self.t0, self.t1, jnp.zeros(self.shape, self.dtype), w1, jax.random.key_data(first))
+        a, b, wa, wb, _ = jax.lax.fori_loop(0, self.depth, level, init)
+        frac = jnp.where(b > a, (t - a) / jnp.where(b > a, b - a, 1), 0)
+        return wa + frac * (wb - wa)
+
+    def __call__(self, ta, tb) -> jax.Array:
+        """The increment W(tb) − W(ta)."""
+        return self.w(tb) - self.w(ta)
+
+
+class BrownianTreeNoiseSampler:
+    """k-diffusion's `BrownianTreeNoiseSampler`: normalised Brownian increments over [σ_min, σ_max]."""
+
+    def __init__(self, x: jax.Array, sigma_min, sigma_max, key: jax.Array,
+                 transform: Callable = lambda s: s, depth: int | None = None):
+        self.transform = transform
+        t_a, t_b = transform(jnp.asarray(sigma_min, x.dtype)), transform(jnp.asarray(sigma_max, x.dtype))
+        self.tree = BrownianTree(key, x.shape, x.dtype, jnp.minimum(t_a, t_b), jnp.maximum(t_a, t_b), depth)
+
+    def __call__(self, i, sigma, sigma_next) -> jax.Array:
+        t0, t1 = self.transform(sigma), self.transform(sigma_next)
+        dt = jnp.abs(t1 - t0)
+        return self.tree(t0, t1) / jnp.sqrt(jnp.where(dt > 0, dt, 1))
+
+
+__all__ = ["NoiseSampler", "key_noise_sampler", "BrownianTree", "BrownianTreeNoiseSampler"]

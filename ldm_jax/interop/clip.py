@@ -32,7 +32,7 @@ def _kw(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- configs
 def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """transformers CLIPTextConfig dict (text_encoder/config.json) -> CLIPTextTransformer kwargs."""
+    """transformers CLIPTextConfig dict (text_encoder/config.json) -> complete CLIPTextTransformer kwargs."""
     if cfg.get("model_type") == "clip" and "text_config" in cfg:  # a full CLIPModel config
         cfg = cfg["text_config"]
     eos = cfg.get("eos_token_id", 49407)
@@ -53,7 +53,7 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if "CLIPTextModelWithProjection" in (cfg.get("architectures") or []):
         out["projection_dim"] = cfg.get("projection_dim", 512)
     out.update(cfg.get("ldm_jax", {}))  # what transformers cannot express (non-causal, un-normed penultimate)
-    return out
+    return _kw(out)
 
 
 def _diffusers_layers(kw: Mapping[str, Any]) -> tuple[int, bool]:
@@ -222,7 +222,7 @@ def compvis_layout(tensors: Mapping[str, Any], prefix: str = "cond_stage_model."
 
 
 def config_from_compvis(tensors: Mapping[str, Any], prefix: str = "cond_stage_model.") -> dict[str, Any]:
-    """Infers kwargs from a single file's tensor shapes (SD1 OpenAI CLIP or SD2 OpenCLIP)."""
+    """Infers (complete) kwargs from a single file's tensor shapes (SD1 OpenAI CLIP or SD2 OpenCLIP)."""
     layout = compvis_layout(tensors, prefix)
     if layout is None:
         raise KeyError(f"no CLIP text encoder under {prefix!r} (looked for {prefix}transformer.text_model. "
@@ -231,11 +231,11 @@ def config_from_compvis(tensors: Mapping[str, Any], prefix: str = "cond_stage_mo
         b = prefix + "transformer.text_model."
         n = _count(tensors, b + "encoder.layers.")
         vocab, width = tensors[b + "embeddings.token_embedding.weight"].shape
-        return dict(vocab_size=vocab, width=width, layers=n, heads=max(1, width // 64),
+        return _kw(dict(vocab_size=vocab, width=width, layers=n, heads=max(1, width // 64),
                     mlp_dim=tensors[b + "encoder.layers.0.mlp.fc1.weight"].shape[0],
                     max_length=tensors[b + "embeddings.position_embedding.weight"].shape[0], act="quick_gelu",
                     **({"projection_dim": tensors[prefix + "transformer.text_projection.weight"].shape[0]}
-                       if prefix + "transformer.text_projection.weight" in tensors else {}))
+                       if prefix + "transformer.text_projection.weight" in tensors else {})))
     b = prefix + "model."
     n = _count(tensors, b + "transformer.resblocks.")
     vocab, width = tensors[b + "token_embedding.weight"].shape
@@ -244,7 +244,7 @@ def config_from_compvis(tensors: Mapping[str, Any], prefix: str = "cond_stage_mo
                max_length=tensors[b + "positional_embedding"].shape[0], act="gelu", output_layer=-2)
     if b + "text_projection" in tensors:
         out["projection_dim"] = tensors[b + "text_projection"].shape[1]
-    return out
+    return _kw(out)
 
 
 def _count(tensors: Mapping[str, Any], head: str) -> int:

@@ -1,0 +1,316 @@
+"""Whole Stable Diffusion pipelines in and out: diffusers folders and CompVis/SD single files.
+
+`load_diffusers(folder)` / `load_single_file(file)` -> `Pretrained` (kwargs + params of the UNet, the
+autoencoder and the text encoder, the tokenizer folder, the training noise schedule), and
+`save_diffusers(p, folder)` / `save_single_file(p, file)` write one back out. Every load is
+all-or-nothing: a missing, unexpected or wrongly shaped tensor raises `CheckpointError` naming it.
+
+Single files do not record everything: head counts and v- vs eps-prediction are not visible in the
+tensors. Our own exports carry the exact configs as safetensors metadata (key "ldm_jax"); for foreign
+files the configs are inferred from shapes (SD1: OpenAI CLIP text encoder; SD2: OpenCLIP) and SD2
+base-channel models are taken as v-prediction, as diffusers does, with a warning: pass
+`prediction_type=` when you know better (SD 2.x 512-base models are "epsilon").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+
+from ldm_jax.interop import clip
+from ldm_jax.interop import unet as unet_io
+from ldm_jax.interop import vae as vae_io
+from ldm_jax.interop.common import CheckpointError, StrictStateDict, load_state_dict, load_safetensors, save_safetensors
+
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# LatentDiffusion registers its schedule as buffers, so training checkpoints carry them.
+_LDM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+                "logvar", "lvlb_weights", "scale_factor")
+_SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="epsilon", scale_factor=0.18215)
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+_DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose config keys these files use
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A latent diffusion model's weights and configs; `params` has keys "unet", "vae" and (with text) "text"."""
+
+    unet_kwargs: dict[str, Any]
+    vae_kwargs: dict[str, Any]
+    text_kwargs: dict[str, Any] | None
+    params: dict[str, Any]
+    scheduler: dict[str, Any]  # num_train_timesteps, beta_start, beta_end, beta_schedule, prediction_type, scale_factor
+    tokenizer_dir: str | None = None
+    sample_size: int | None = None  # latent side the UNet was trained at (diffusers' unet sample_size)
+
+
+# ------------------------------------------------------------------------------------------------ diffusers
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    """The tensors of one diffusers component folder (single or sharded safetensors; .bin needs torch)."""
+    for index in ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json"):
+        if (folder / index).is_file():
+            shards = sorted(set(_read_json(folder / index)["weight_map"].values()))
+            return {k: v for s in shards for k, v in load_safetensors(folder / s).items()}
+    for name in _WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return load_state_dict(folder / name)
+    raise FileNotFoundError(f"no weights in {folder} (looked for {', '.join(_WEIGHT_NAMES)})")
+
+
+def _component(root: pathlib.Path, name: str) -> tuple[dict[str, Any], StrictStateDict]:
+    folder = root / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{root} has no {name}/ folder")
+    return _read_json(folder / "config.json"), StrictStateDict(_read_weights(folder), what=f"{folder}")
+
+
+def load_diffusers(path: str | os.PathLike, *, prediction_type: str | None = None) -> Pretrained:
+    """Loads a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    root = pathlib.Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no diffusers folder at {root}")
+    index = _read_json(root / "model_index.json")
+    cfg, sd = _component(root, "unet")
+    unet_kwargs = unet_io.config_from_diffusers(cfg)
+    unet_params = unet_io.from_diffusers(sd, unet_kwargs)
+    sd.finish()
+    sample_size = cfg.get("sample_size")
+    vae_name = "vae" if (root / "vae").is_dir() or "vae" in index else "vqvae"
+    vcfg, sd = _component(root, vae_name)
+    vae_kwargs = vae_io.config_from_diffusers(vcfg)
+    params = {"unet": unet_params, "vae": vae_io.from_diffusers(sd, vae_kwargs)}
+    sd.finish()
+    text_kwargs = None
+    if (index.get("text_encoder") or [None])[0] is not None or (root / "text_encoder").is_dir():
+        tcfg, sd = _component(root, "text_encoder")
+        text_kwargs = clip.config_from_diffusers(tcfg)
+        params["text"] = clip.from_diffusers(sd, text_kwargs)
+    tok = root / "tokenizer"
+    scfg = _read_json(root / "scheduler" / "scheduler_config.json")
+    scheduler = dict(  # diffusers' defaults where a config omits a field
+        num_train_timesteps=scfg.get("num_train_timesteps", 1000), beta_start=scfg.get("beta_start", 0.0001),
+        beta_end=scfg.get("beta_end", 0.02), beta_schedule=scfg.get("beta_schedule", "linear"),
+        prediction_type=scfg.get("prediction_type", "epsilon"), scale_factor=float(vcfg.get("scaling_factor", 0.18215)),
+    )
+    scheduler["class_name"] = scfg.get("_class_name", "PNDMScheduler")
+    if scfg.get("trained_betas") is not None:
+        scheduler["trained_betas"] = list(scfg["trained_betas"])
+    if prediction_type is not None:
+        scheduler["prediction_type"] = _check_prediction(prediction_type)
+    return Pretrained(unet_kwargs, vae_kwargs, text_kwargs, params, scheduler,
+                      tokenizer_dir=str(tok) if tok.is_dir() and any(tok.iterdir()) else None, sample_size=sample_size)
+
+
+def _check_prediction(p: str) -> str:
+    if p not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {p!r}")
+    return p
+
+
+def save_diffusers(p: Pretrained, path: str | os.PathLike) -> None:
+    """Writes `p` as a diffusers folder that `StableDiffusionPipeline.from_pretrained` (and `load_diffusers`) open."""
+    root = pathlib.Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    fmt = {"format": "pt"}  # transformers refuses safetensors files without it
+    ucfg = {"_class_name": "UNet2DConditionModel", "_diffusers_version": _DIFFUSERS_VERSION,
+            **unet_io.config_to_diffusers(p.unet_kwargs)}
+    if p.sample_size is not None:
+        ucfg["sample_size"] = int(p.sample_size)
+    _write_json(root / "unet" / "config.json", ucfg)
+    save_safetensors(unet_io.to_diffusers(p.params["unet"], p.unet_kwargs),
+                     root / "unet" / "diffusion_pytorch_model.safetensors", fmt)
+    vcfg = {"_diffusers_version": _DIFFUSERS_VERSION,
+            **vae_io.config_to_diffusers(p.vae_kwargs, scaling_factor=p.scheduler.get("scale_factor"))}
+    _write_json(root / "vae" / "config.json", vcfg)
+    save_safetensors(vae_io.to_diffusers(p.params["vae"], p.vae_kwargs), root / "vae" / "diffusion_pytorch_model.safetensors", fmt)
+    if p.text_kwargs is not None:
+        _write_json(root / "text_encoder" / "config.json", clip.config_to_diffusers(p.text_kwargs))
+        save_safetensors(clip.to_diffusers(p.params["text"], p.text_kwargs), root / "text_encoder" / "model.safetensors", fmt)
+    if p.tokenizer_dir is not None:
+        src = pathlib.Path(p.tokenizer_dir)
+        if src.resolve() != (root / "tokenizer").resolve():
+            shutil.copytree(src, root / "tokenizer", dirs_exist_ok=True)
+    s = p.scheduler
+    scfg = {"_class_name": s.get("class_name", "PNDMScheduler"), "_diffusers_version": _DIFFUSERS_VERSION,
+            **{k: s[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")},
+            "trained_betas": s.get("trained_betas"), "set_alpha_to_one": False, "steps_offset": 1,
+            "skip_prk_steps": True, "clip_sample": False, "timestep_spacing": "leading"}
+    _write_json(root / "scheduler" / "scheduler_config.json", scfg)
+    has_text, has_tok = p.text_kwargs is not None, p.tokenizer_dir is not None
+    _write_json(root / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
+        "unet": ["diffusers", ucfg["_class_name"]], "vae": ["diffusers", vcfg.get("_class_name", "AutoencoderKL")],
+        "text_encoder": ["transformers", clip.config_to_diffusers(p.text_kwargs)["architectures"][0]] if has_text else [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if has_tok else [None, None],
+        "scheduler": ["diffusers", scfg["_class_name"]],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
+    })
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"{obj!r} ({type(obj).__name__}) cannot be written to a config file")
+
+
+def _tuples(obj: Any) -> Any:
+    """JSON lists back to the tuples module fields use."""
+    if isinstance(obj, dict):
+        return {k: _tuples(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return tuple(_tuples(v) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------ single files
+def _metadata(path: pathlib.Path) -> dict[str, Any] | None:
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["ldm_jax"]) if "ldm_jax" in meta else None
+
+
+def _ema_view(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """LitEma stores `model_ema.<key without dots>`: put those under the UNet's keys instead."""
+    out = {k: v for k, v in tensors.items() if not k.startswith(UNET_PREFIX)}
+    found = 0
+    for k in tensors:
+        if k.startswith(UNET_PREFIX):
+            ema = "model_ema." + k[len("model."):].replace(".", "")
+            if ema in tensors:
+                out[k] = tensors[ema]
+                found += 1
+    if not found:
+        raise CheckpointError("use_ema=True but the checkpoint has no model_ema.* weights")
+    return out
+
+
+def _schedule_from_file(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    s = dict(_SD_SCHEDULE)
+    if "betas" in tensors:
+        betas = np.asarray(tensors["betas"], np.float64)
+        s["num_train_timesteps"] = len(betas)
+        s["beta_start"], s["beta_end"] = float(betas[0]), float(betas[-1])
+        sqrt_linear = np.linspace(betas[0] ** 0.5, betas[-1] ** 0.5, len(betas)) ** 2
+        if np.allclose(betas, sqrt_linear, rtol=1e-4):
+            s["beta_schedule"] = "scaled_linear"
+        elif np.allclose(betas, np.linspace(betas[0], betas[-1], len(betas)), rtol=1e-4):
+            s["beta_schedule"] = "linear"
+        else:
+            s["trained_betas"] = betas.tolist()
+        s["beta_start"], s["beta_end"] = round(s["beta_start"], 8), round(s["beta_end"], 8)
+    if "scale_factor" in tensors:
+        s["scale_factor"] = float(np.asarray(tensors["scale_factor"]))
+    return s
+
+
+def load_single_file(
+    path: str | os.PathLike, *, prediction_type: str | None = None, use_ema: bool = False,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Pretrained:
+    """Loads a CompVis/SD single-file checkpoint (.safetensors; .ckpt needs torch).
+
+    SD1 vs SD2 is read from the text encoder's layout; v- vs eps-prediction cannot be seen in the
+    weights of SD2 models: pass `prediction_type` ("epsilon" for 2.x-base, "v_prediction" for 768-v).
+    `use_ema` takes the UNet from the `model_ema.` copy that training checkpoints carry.
+    `overrides` ({"unet": {...}, "vae": {...}, "text": {...}}) sets what shapes cannot tell (head
+    counts, GroupNorm groups) on top of the inferred or stored kwargs.
+    """
+    overrides = dict(overrides or {})
+    if set(overrides) - {"unet", "vae", "text"}:
+        raise ValueError(f"overrides may hold 'unet', 'vae', 'text'; got {sorted(overrides)}")
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    tensors = load_state_dict(path)
+    meta = _metadata(path)
+    if use_ema:
+        tensors = _ema_view(tensors)
+    if not any(k.startswith(UNET_PREFIX) for k in tensors):
+        raise CheckpointError(f"{path} holds no UNet ({UNET_PREFIX}*): not a Stable Diffusion / LDM single file")
+    sd = StrictStateDict(tensors, what=str(path))
+    layout = meta.get("text_layout") if meta else clip.compvis_layout(tensors, TEXT_PREFIX)
+    if meta:
+        unet_kwargs, vae_kwargs = _tuples(meta["unet"]), _tuples(meta["vae"])
+        text_kwargs = _tuples(meta["text"]) if meta.get("text") is not None else None
+        scheduler = dict(meta["scheduler"])
+    else:
+        unet_kwargs = unet_io.config_from_compvis(tensors, UNET_PREFIX)
+        vae_kwargs = vae_io.config_from_compvis(tensors, VAE_PREFIX)
+        text_kwargs = clip.config_from_compvis(tensors, TEXT_PREFIX) if layout else None
+        scheduler = _schedule_from_file(tensors)
+        if layout == "open_clip" and unet_kwargs.get("in_channels") == 4:
+            scheduler["prediction_type"] = "v_prediction"
+            if prediction_type is None:
+                warnings.warn(f"{path.name}: an SD2-style model; v- vs eps-prediction cannot be told from the "
+                              "weights, assuming v_prediction (768-v); pass prediction_type='epsilon' for 2.x-base")
+    if prediction_type is not None:
+        scheduler["prediction_type"] = _check_prediction(prediction_type)
+    unet_kwargs = {**unet_kwargs, **overrides.get("unet", {})}
+    vae_kwargs = {**vae_kwargs, **overrides.get("vae", {})}
+    if text_kwargs is not None:
+        text_kwargs = {**text_kwargs, **overrides.get("text", {})}
+    params = {"unet": unet_io.from_compvis(sd, unet_kwargs, UNET_PREFIX), "vae": vae_io.from_compvis(sd, vae_kwargs, VAE_PREFIX)}
+    if text_kwargs is not None:
+        params["text"] = clip.from_compvis(sd, text_kwargs, TEXT_PREFIX, layout=layout)
+    # everything outside the three models must be a known LDM buffer or the EMA copy
+    known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, "model_ema.") + _LDM_BUFFERS
+    for k in _LDM_BUFFERS:
+        if k in sd:
+            sd.take(k)
+    sd.finish("", ignore=known)
+    sample_size = (meta or {}).get("sample_size") or (96 if scheduler["prediction_type"] == "v_prediction" else 64)
+    return Pretrained(unet_kwargs, vae_kwargs, text_kwargs, params, scheduler, tokenizer_dir=None, sample_size=sample_size)
+
+
+def save_single_file(p: Pretrained, path: str | os.PathLike, *, text_layout: str | None = None) -> None:
+    """Writes `p` as one CompVis-layout .safetensors file (model.diffusion_model., first_stage_model., cond_stage_model.).
+
+    The text encoder goes in SD1's HF layout or SD2's OpenCLIP layout (`clip.default_compvis_layout`
+    unless `text_layout`); the exact configs ride along as metadata so that `load_single_file` round-trips.
+    """
+    path = pathlib.Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"single files are written as .safetensors, got {path.name}")
+    tensors = {**unet_io.to_compvis(p.params["unet"], p.unet_kwargs, UNET_PREFIX),
+               **vae_io.to_compvis(p.params["vae"], p.vae_kwargs, VAE_PREFIX)}
+    if p.text_kwargs is not None:
+        text_layout = text_layout or clip.default_compvis_layout(p.text_kwargs)
+        tensors.update(clip.to_compvis(p.params["text"], p.text_kwargs, TEXT_PREFIX, layout=text_layout))
+    meta = dict(unet=p.unet_kwargs, vae=p.vae_kwargs, text=p.text_kwargs, scheduler=p.scheduler,
+                text_layout=text_layout, sample_size=p.sample_size)
+    save_safetensors(tensors, path, {"format": "pt", "ldm_jax": json.dumps(_jsonable(meta))})

@@ -163,6 +163,12 @@ class DataIterator:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(self._prefetch)
         self._stop = threading.Event()
+        self.preprocess: _Preprocess | None = None
+
+    @property
+    def num_skipped(self) -> int:
+        """Examples dropped so far because their image was smaller than the resolution (small_images='skip')."""
+        return self.preprocess.skipped if self.preprocess is not None else 0
 
     # -- producer ------------------------------------------------------------------------------
     def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -263,14 +269,25 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, mesh: Mesh, global_b
         raise builders.DataError(f"split {split!r} has {len(source)} examples, fewer than one global batch "
                                  f"({global_batch_size})")
     epochs = (c.num_epochs if train else 0) if num_epochs is None else num_epochs
-    ds = grain.MapDataset.source(source)
-    if train and c.shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(epochs or None)
-    ds = ds[jax.process_index()::nproc]  # this process reads only its share
-    ds = ds.random_map(_Preprocess(c, tokenizer, train), seed=seed)
+    preprocess = _Preprocess(c, tokenizer, train)
+    ds = local_dataset(source, seed=seed, shuffle=train and c.shuffle, num_epochs=epochs,
+                       process_index=jax.process_index(), process_count=nproc)
+    ds = ds.random_map(preprocess, seed=seed)
     read = grain.ReadOptions(num_threads=max(1, c.num_threads), prefetch_buffer_size=max(1, c.read_buffer))
     ds = ds.to_iter_dataset(read).batch(global_batch_size // nproc, drop_remainder=True)
     meta = {"seed": seed, "split": split, "global_batch_size": global_batch_size, "num_processes": nproc,
             "num_examples": len(source)}
-    return DataIterator(ds, mesh, global_batch_size, c.prefetch, meta)
+    it = DataIterator(ds, mesh, global_batch_size, c.prefetch, meta)
+    it.preprocess = preprocess
+    return it
+
+
+def local_dataset(source: Any, *, seed: int, shuffle: bool, num_epochs: int, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+    """This process's share of the example stream: shuffled anew each epoch, then every
+    `process_count`-th element, so processes read disjoint examples that together make the stream."""
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs or None)
+    return ds[process_index::process_count]

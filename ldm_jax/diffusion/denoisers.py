@@ -24,7 +24,7 @@ def _bcast(v, x):
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)) if v.ndim else v
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DiscreteDenoiser:
     """A discrete-time model `model_fn(x_in, t, **cond)` → eps / v / x0 as D(x, σ).
 
@@ -84,7 +84,7 @@ class DiscreteDenoiser:
         return out
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class EDMDenoiser:
     """EDM preconditioning (Karras et al. 2022, Table 1): D = c_skip·x + c_out·F(c_in·x, c_noise),
     c_skip = σd²/(σ²+σd²), c_out = σ·σd/sqrt(σ²+σd²), c_in = 1/sqrt(σ²+σd²), c_noise = ln(σ)/4."""
@@ -106,7 +106,7 @@ def _concat(a, b):
     return jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), a, b)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): D = D_u + scale·(D_c − D_u), with both halves
     from one call `denoiser(concat[x, x], concat[σ, σ], **concat[uncond, cond])`.

@@ -85,14 +85,19 @@ def decode_image(data: bytes | np.ndarray, min_side: int = 0) -> np.ndarray:
     if isinstance(data, np.ndarray):
         image = data
     else:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(io.BytesIO(data)) as im:
+        try:  # our builders store only PNG/JPEG: probing just those two saves a third of a small decode
+            im = Image.open(io.BytesIO(data), formats=("PNG", "JPEG"))
+        except UnidentifiedImageError:
+            im = Image.open(io.BytesIO(data))
+        with im:
             if im.format == "JPEG" and min_side:
                 w, h = im.size
                 scale = min_side / min(w, h)
                 im.draft("RGB", (int(w * scale + 1), int(h * scale + 1)))  # DCT scaling: 2-8x faster decode
-            image = np.asarray(im.convert("RGB"))
+            im.load()
+            image = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     if image.ndim == 2:
         image = image[:, :, None]
     if image.shape[-1] == 1:
@@ -100,9 +105,9 @@ def decode_image(data: bytes | np.ndarray, min_side: int = 0) -> np.ndarray:
     return image[:, :, :3]
 
 
-def preprocess_image(image: np.ndarray, resolution: int, rng: np.random.Generator | None, *,
-                     random_crop: bool, flip: bool) -> np.ndarray:
-    """LDM preprocessing: resize the smaller side to `resolution`, crop a square, flip, scale to [-1, 1]."""
+def crop_and_flip(image: np.ndarray, resolution: int, rng: np.random.Generator | None, *,
+                  random_crop: bool, flip: bool) -> np.ndarray:
+    """LDM preprocessing on uint8: resize the smaller side to `resolution`, crop a square, maybe flip."""
     from PIL import Image
 
     h, w = image.shape[:2]
@@ -120,34 +125,48 @@ def preprocess_image(image: np.ndarray, resolution: int, rng: np.random.Generato
     image = image[top:top + resolution, left:left + resolution]
     if flip and rng is not None and rng.random() < 0.5:
         image = image[:, ::-1]
+    return np.ascontiguousarray(image)
+
+
+def to_unit_range(image: Any) -> Any:
+    """uint8 [0, 255] -> float32 [-1, 1] (numpy or jax)."""
     return image.astype(np.float32) * (1 / 127.5) - 1.0
+
+
+def preprocess_image(image: np.ndarray, resolution: int, rng: np.random.Generator | None, *,
+                     random_crop: bool, flip: bool) -> np.ndarray:
+    """LDM preprocessing: resize the smaller side to `resolution`, crop a square, flip, scale to [-1, 1]."""
+    return to_unit_range(crop_and_flip(image, resolution, rng, random_crop=random_crop, flip=flip))
 
 
 class _Preprocess(grain.transforms.RandomMap):
     """Decode, crop, flip, tokenize one example; None (dropped by grain) for a too-small image in skip mode."""
 
     def __init__(self, c: ml_collections.ConfigDict, tokenizer: Callable | None, train: bool):
-        self.c, self.tokenizer, self.train = c, tokenizer, train
+        # plain attributes: ConfigDict lookups cost more than decoding a 32-px PNG
+        self.image_key, self.caption_key, self.label_key = c.image_key, c.caption_key, c.label_key
+        self.resolution, self.skip_small = c.resolution, c.small_images == "skip"
+        self.random_crop, self.flip = train and c.crop == "random", train and c.flip
+        self.tokenizer = tokenizer if c.caption_key else None
         self.skipped = 0
         self._lock = threading.Lock()
 
     def random_map(self, ex: dict, rng: np.random.Generator) -> dict | None:
-        c = self.c
-        image = decode_image(ex[c.image_key], c.resolution)
-        if min(image.shape[:2]) < c.resolution and c.small_images == "skip":
+        image = decode_image(ex[self.image_key], self.resolution)
+        if self.skip_small and min(image.shape[:2]) < self.resolution:
             with self._lock:
                 self.skipped += 1
                 if self.skipped <= 20 or self.skipped % 1000 == 0:
                     name = _text(ex.get("file_name", b"?"))
                     log.warning("skipping image %s of size %s smaller than resolution %d (%d skipped so far)",
-                                name, image.shape[:2], c.resolution, self.skipped)
+                                name, image.shape[:2], self.resolution, self.skipped)
             return None
-        out = {"image": preprocess_image(image, c.resolution, rng, random_crop=self.train and c.crop == "random",
-                                         flip=self.train and c.flip)}
-        if c.caption_key and self.tokenizer is not None:
-            out["input_ids"] = np.asarray(self.tokenizer([_text(ex[c.caption_key])])[0], np.int32)
-        if c.label_key:
-            out["label"] = np.int32(ex[c.label_key])
+        # uint8 until it reaches the device: 4x less to stack and copy; `DataIterator` scales it there
+        out = {"image": crop_and_flip(image, self.resolution, rng, random_crop=self.random_crop, flip=self.flip)}
+        if self.tokenizer is not None:
+            out["input_ids"] = np.asarray(self.tokenizer([_text(ex[self.caption_key])])[0], np.int32)
+        if self.label_key:
+            out["label"] = np.int32(ex[self.label_key])
         return out
 
 
@@ -163,6 +182,7 @@ class DataIterator:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(self._prefetch)
         self._stop = threading.Event()
+        self._normalize = jax.jit(to_unit_range)  # keeps the input's (data, fsdp) sharding
         self.preprocess: _Preprocess | None = None
 
     @property
@@ -172,8 +192,10 @@ class DataIterator:
 
     # -- producer ------------------------------------------------------------------------------
     def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(batch_sharding(self._mesh, v.ndim), v)
-                for k, v in local.items()}
+        out = {k: jax.make_array_from_process_local_data(batch_sharding(self._mesh, v.ndim), v)
+               for k, v in local.items()}
+        out["image"] = self._normalize(out["image"])
+        return out
 
     def _produce(self) -> None:
         while not self._stop.is_set():
@@ -248,7 +270,7 @@ class DataIterator:
 def make_dataset(data_config: ml_collections.ConfigDict, *, mesh: Mesh, global_batch_size: int,
                  tokenizer: Callable | None = None, seed: int = 0, split: str = "train",
                  num_epochs: int | None = None) -> DataIterator:
-    """Global batches {"image" (B,H,W,3) in [-1,1], "input_ids" (B,77), "label" (B,)} sharded over (data, fsdp).
+    """Global batches {"image" (B,H,W,3) float32 in [-1,1], "input_ids" (B,77), "label" (B,)} sharded over (data, fsdp).
 
     The training split is shuffled and augmented per the config; other splits are read in order,
     center-cropped, not flipped. `num_epochs` (default: data.num_epochs for train, 0 otherwise)

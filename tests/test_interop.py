@@ -83,6 +83,19 @@ def test_openclip_layout_fuses_qkv(tiny):
     _assert_same_params(clip.from_compvis(StrictStateDict(sd), {**tiny.text_kwargs, "output_layer": -2}), tiny.params["text"])
 
 
+def test_sd1_layout_with_and_without_text_model(tiny):
+    sd = clip.to_compvis(tiny.params["text"], tiny.text_kwargs, layout="hf")
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in sd
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77)[None]  # a saved buffer
+    _assert_same_params(clip.from_compvis(StrictStateDict(sd), tiny.text_kwargs), tiny.params["text"])
+    flat = {k.replace("text_model.", ""): v for k, v in sd.items()}  # files saved without `text_model.`
+    assert clip.config_from_compvis(flat)["layers"] == 2
+    _assert_same_params(clip.from_compvis(StrictStateDict(flat), tiny.text_kwargs), tiny.params["text"])
+    flat["cond_stage_model.extra"] = np.zeros(1, np.float32)
+    with pytest.raises(CheckpointError, match="unexpected 1: cond_stage_model.extra"):
+        clip.from_compvis(StrictStateDict(flat), tiny.text_kwargs)
+
+
 def _strip_metadata(src, dst, extra=None, drop=()):
     t = {k: v for k, v in load_safetensors(src).items() if k not in drop}
     t.update(extra or {})

@@ -75,12 +75,11 @@ def test_causal_mask_and_bidirectional():
     ids = np.random.default_rng(0).integers(0, 1000, (1, 16)).astype(np.int32)
     ids2 = ids.copy()
     ids2[0, 10:] = 7  # change only the tail
+    both = np.concatenate([ids, ids2])
+    p = jax.jit(CLIPTextTransformer(**kw).init)(jax.random.key(1), ids)  # same parameters either way
     for causal in (True, False):
-        m = CLIPTextTransformer(**kw, causal=causal)
-        p = m.init(jax.random.key(1), ids)
-        h1, _ = jax.jit(m.apply)(p, np.concatenate([ids, ids2]))
-        h1, h2 = h1[:1], h1[1:]
-        head_same = np.allclose(h1[0, :10], h2[0, :10], atol=1e-6)
+        h, _ = jax.jit(CLIPTextTransformer(**kw, causal=causal).apply)(p, both)
+        head_same = np.allclose(h[0, :10], h[1, :10], atol=1e-6)
         assert head_same == causal  # causal: earlier tokens never see later ones
 
 
@@ -88,7 +87,7 @@ def test_remat_bf16_and_sharded_match():
     kw = dict(TEXT_PRESETS["tiny"])
     ids = np.random.default_rng(0).integers(0, 1000, (8, 77)).astype(np.int32)
     m = CLIPTextTransformer(**kw)
-    boxed = m.init(jax.random.key(0), ids[:1])
+    boxed = jax.jit(m.init)(jax.random.key(0), ids[:1])
     params = meta.unbox(boxed)
     ref, _ = jax.jit(m.apply)(params, ids)
     remat, _ = jax.jit(CLIPTextTransformer(**kw, remat_policy="full").apply)(params, ids)
@@ -109,3 +108,29 @@ def test_bad_fields_raise():
         CLIPTextTransformer(**{**TEXT_PRESETS["tiny"], "act": "relu"}).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     with pytest.raises(ValueError, match="more than max_length"):
         CLIPTextTransformer(**TEXT_PRESETS["tiny"]).init(jax.random.key(0), jnp.zeros((1, 78), jnp.int32))
+
+
+def _count(kw):
+    m = CLIPTextTransformer(**kw)
+    shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(meta.unbox(shapes)))
+
+
+def test_sd2_openclip_single_file_config_matches_preset():
+    # the tensor names and shapes of SD 2.x single files' OpenCLIP ViT-H/14 text tower (shapes only)
+    z = lambda *s: np.broadcast_to(np.float32(0), s)  # noqa: E731
+    b = "cond_stage_model.model."
+    t = {b + "token_embedding.weight": z(49408, 1024), b + "positional_embedding": z(77, 1024),
+         b + "ln_final.weight": z(1024), b + "ln_final.bias": z(1024), b + "text_projection": z(1024, 1024),
+         b + "logit_scale": z()}
+    for i in range(24):
+        r = f"{b}transformer.resblocks.{i}."
+        t.update({r + "attn.in_proj_weight": z(3072, 1024), r + "attn.in_proj_bias": z(3072),
+                  r + "mlp.c_fc.weight": z(4096, 1024), r + "mlp.c_proj.weight": z(1024, 4096)})
+    kw = clip.config_from_compvis(t)
+    assert kw == {**clip._DEFAULTS, "vocab_size": 49408, "width": 1024, "layers": 24, "heads": 16, "mlp_dim": 4096,
+                  "act": "gelu", "output_layer": -2, "projection_dim": 1024}
+    assert _count(kw) == 354_032_640  # = transformers CLIPTextModelWithProjection, 24 layers (meta-device count)
+    # exported to diffusers it is SD2's 23-layer text encoder, i.e. our "openclip-vit-h-14" preset
+    assert clip.config_from_diffusers(clip.config_to_diffusers(kw)) == clip._kw(TEXT_PRESETS["openclip-vit-h-14"])
+    assert _count(TEXT_PRESETS["openclip-vit-h-14"]) == 340_387_840  # = transformers CLIPTextModel, 23 layers

@@ -196,8 +196,10 @@ def from_diffusers(sd: StrictStateDict, kwargs: Mapping[str, Any], prefix: str =
     kw = _kw(kwargs)
     nested = prefix + "embeddings.token_embedding.weight" not in sd
     flat = _load(sd, _hf_entries(kw, prefix, kw["layers"], kw["projection_dim"] is not None, nested))
-    b = prefix + ("text_model." if nested else "")
-    sd.finish(prefix, ignore=(b + "embeddings.position_ids",))
+    position_ids = prefix + ("text_model." if nested else "") + "embeddings.position_ids"
+    if position_ids in sd:  # a buffer (arange) that older transformers saved: accounted for, not needed
+        sd.take(position_ids)
+    sd.finish(prefix)
     return unflatten(flat)
 
 
@@ -214,7 +216,7 @@ def to_diffusers(params: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[s
 # --------------------------------------------------------------------------------------------- CompVis single files
 def compvis_layout(tensors: Mapping[str, Any], prefix: str = "cond_stage_model.") -> str | None:
     """'hf' (SD1, `prefix + transformer.`), 'open_clip' (SD2, `prefix + model.`), or None when absent."""
-    if prefix + "transformer.text_model.embeddings.token_embedding.weight" in tensors:
+    if any(prefix + f"transformer.{m}embeddings.token_embedding.weight" in tensors for m in ("text_model.", "")):
         return "hf"
     if prefix + "model.token_embedding.weight" in tensors:
         return "open_clip"
@@ -228,7 +230,8 @@ def config_from_compvis(tensors: Mapping[str, Any], prefix: str = "cond_stage_mo
         raise KeyError(f"no CLIP text encoder under {prefix!r} (looked for {prefix}transformer.text_model. "
                        f"and {prefix}model.)")
     if layout == "hf":
-        b = prefix + "transformer.text_model."
+        b = prefix + "transformer."
+        b += "text_model." if b + "text_model.embeddings.token_embedding.weight" in tensors else ""
         n = _count(tensors, b + "encoder.layers.")
         vocab, width = tensors[b + "embeddings.token_embedding.weight"].shape
         return _kw(dict(vocab_size=vocab, width=width, layers=n, heads=max(1, width // 64),
@@ -265,15 +268,14 @@ def from_compvis(sd: StrictStateDict, kwargs: Mapping[str, Any], prefix: str = "
     layout = layout or compvis_layout(sd.tensors, prefix) or default_compvis_layout(kwargs)
     kw = _kw(kwargs)
     if layout == "hf":
-        flat = _load(sd, _hf_entries(kw, prefix + "transformer.", kw["layers"], kw["projection_dim"] is not None))
-        ignore = (prefix + "transformer.text_model.embeddings.position_ids",)
-    elif layout == "open_clip":
+        params = from_diffusers(sd, kw, prefix + "transformer.")  # with or without `text_model.`
+        sd.finish(prefix)  # nothing else may sit under cond_stage_model.
+        return params
+    if layout == "open_clip":
         flat = _load(sd, _openclip_entries(kw, prefix + "model."))
-        ignore = (prefix + "model.logit_scale", prefix + "model.attn_mask")
-    else:
-        raise ValueError(f"layout must be 'hf' or 'open_clip', got {layout!r}")
-    sd.finish(prefix, ignore=ignore)
-    return unflatten(flat)
+        sd.finish(prefix, ignore=(prefix + "model.logit_scale", prefix + "model.attn_mask"))
+        return unflatten(flat)
+    raise ValueError(f"layout must be 'hf' or 'open_clip', got {layout!r}")
 
 
 def to_compvis(params: Mapping[str, Any], kwargs: Mapping[str, Any], prefix: str = "cond_stage_model.",

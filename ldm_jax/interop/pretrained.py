@@ -54,6 +54,21 @@ class Pretrained:
     tokenizer_dir: str | None = None
     sample_size: int | None = None  # latent side the UNet was trained at (diffusers' unet sample_size)
 
+    @property
+    def unet_params(self) -> Any:
+        """`params["unet"]`."""
+        return self.params["unet"]
+
+    @property
+    def vae_params(self) -> Any:
+        """`params["vae"]`."""
+        return self.params["vae"]
+
+    @property
+    def text_params(self) -> Any:
+        """`params["text"]`, or None without a text encoder."""
+        return self.params.get("text")
+
 
 # ------------------------------------------------------------------------------------------------ diffusers
 def _read_json(path: pathlib.Path) -> dict[str, Any]:

@@ -53,7 +53,10 @@ def update_ema(ema: Any, params: Any, decay: jax.Array) -> Any:
 
 
 def init_state_fn(objective: Any, seed: int) -> Callable[[], TrainState]:
-    """A traceable function that returns the (boxed) initial state of `objective`."""
+    """A traceable function that returns the (boxed) initial state of `objective` (memoized: one compile per run)."""
+    cache = objective.__dict__.setdefault("_ldm_jax_init_cache", {})
+    if seed in cache:
+        return cache[seed]
 
     def init() -> TrainState:
         key = jax.random.key(seed)
@@ -76,6 +79,7 @@ def init_state_fn(objective: Any, seed: int) -> Callable[[], TrainState]:
             rng=jax.random.key_data(run_key),
         )
 
+    cache[seed] = init
     return init
 
 
@@ -90,7 +94,9 @@ def create_state(objective: Any, mesh: Mesh, seed: int = 0) -> TrainState:
     """The initial state, created already sharded: eval_shape -> logical shardings -> jit(out_shardings)."""
     init = init_state_fn(objective, seed)
     _, shardings = state_shardings(objective, mesh, seed)
-    return jax.jit(lambda: nn.meta.unbox(init()), out_shardings=shardings)()
+    cache = objective.__dict__["_ldm_jax_init_cache"]
+    unboxed = cache.setdefault(("unboxed", seed), lambda: nn.meta.unbox(init()))  # same function -> jit cache hits
+    return jax.jit(unboxed, out_shardings=shardings)()
 
 
 def eval_params(state: TrainState, group: str, use_ema: bool = True) -> Any:

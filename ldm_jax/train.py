@@ -1,0 +1,81 @@
+"""`python -m ldm_jax.train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.key=value ...]`.
+
+Trains the objective of the config (latent diffusion or the first-stage autoencoder) in DIR; running
+the same command again resumes from the newest complete checkpoint. A config that carries
+`first_stage_train` (a nested autoencoder training config) is a two-stage job: the autoencoder is
+trained first into DIR/first_stage (resumable, skipped once finished), then the LDM stage loads it
+as its frozen first stage (with `scale_by_std` when the config asks for it).
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+
+import ml_collections
+
+
+def first_stage_done(workdir: pathlib.Path, num_steps: int) -> bool:
+    """Whether an autoencoder workdir holds a complete checkpoint at its final step."""
+    from ldm_jax.checkpoint import Checkpointer
+
+    if not (workdir / "checkpoints").is_dir():
+        return False
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    try:
+        return (ckpt.latest_step() or 0) >= num_steps
+    finally:
+        ckpt.close()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> object:
+    """Runs (or resumes) the whole job of `config` in `workdir`; returns the final stage's TrainResult."""
+    from ldm_jax.training import loop
+
+    workdir = pathlib.Path(workdir)
+    fs_cfg = config.get("first_stage_train")
+    if fs_cfg is not None:
+        fs_dir = workdir / "first_stage"
+        if first_stage_done(fs_dir, int(fs_cfg.num_steps)):
+            logging.info("first stage already trained in %s; skipping to the LDM stage", fs_dir)
+        else:
+            logging.info("stage 1/2: training the first stage in %s", fs_dir)
+            loop.train(fs_cfg, fs_dir)
+        with config.unlocked():
+            config.first_stage.checkpoint = str(fs_dir)
+        logging.info("stage 2/2: training the latent diffusion model in %s", workdir)
+    return loop.train(config, workdir)
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    del argv
+    from ldm_jax import sharding
+    from ldm_jax.training.objective import ConfigError
+
+    sharding.initialize_distributed()
+    cfg = flags.FLAGS.config
+    try:
+        run(cfg, flags.FLAGS.workdir)
+    except ConfigError as e:
+        logging.error("%s", e)
+        sys.exit(f"config error: {e}")
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, TensorBoard logs and samples")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,102 @@
+"""Periodic hooks of the LDM objective: sample grids with the EMA weights (fixed prompts and seed)."""
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from ldm_jax.training.loop import Hook, HookContext
+
+log = logging.getLogger("ldm_jax.train")
+
+
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows*H, cols*W, 3) uint8 grid, filled row by row."""
+    n, h, w, c = images.shape
+    cols = cols or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = img
+    return grid
+
+
+def write_grid(images: np.ndarray, path: pathlib.Path, writer: Any, tag: str, step: int) -> None:
+    """Saves a grid PNG and logs it to TensorBoard."""
+    from PIL import Image
+
+    grid = image_grid(images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    if writer is not None:
+        writer.add_image(tag, grid, step, dataformats="HWC")
+        writer.flush()
+
+
+def sampling_pipeline(objective: Any, mesh: Any) -> Any:
+    """An `ldm_jax.pipeline.Pipeline` for the objective's models (weights are passed per call)."""
+    from ldm_jax.pipeline import Pipeline
+
+    sched = {**objective.scheduler_dict(), "scale_factor": 1.0}
+    text_kwargs = objective.text_kwargs
+    tokenizer = objective.tokenizer if text_kwargs is not None else None
+    if text_kwargs is not None and tokenizer is None:
+        return None
+    return Pipeline.from_configs(objective.unet_kwargs, objective.vae_kwargs, text_kwargs, tokenizer, sched,
+                                 mesh=mesh, default_size=int(objective.config.image_size))
+
+
+def sample_params(objective: Any, state: Any) -> dict:
+    """{"unet", "vae", ["text"]} of the state, with EMA weights for the trained ones."""
+    model = state.ema.get("model", state.params["model"])
+    params = {"unet": model["unet"], "vae": state.frozen["first_stage"]}
+    if objective.text is not None:
+        params["text"] = model["text"] if objective.text_trainable else state.frozen["text"]
+    return params
+
+
+class SampleGrid:
+    """Writes WORKDIR/samples/step_<N>.png and TensorBoard `samples` from the EMA weights."""
+
+    def __init__(self, objective: Any):
+        self.objective = objective
+        self.pipeline = None
+        self.disabled = False
+
+    def __call__(self, ctx: HookContext) -> None:
+        obj, cfg = self.objective, self.objective.config.sample
+        if self.disabled:
+            return
+        if obj.config.cond.type == "class":
+            log.info("sample grids for class-conditional models are not drawn by the trainer")
+            self.disabled = True
+            return
+        if self.pipeline is None:
+            self.pipeline = sampling_pipeline(obj, ctx.mesh)
+            if self.pipeline is None:
+                log.warning("no tokenizer configured (cond.tokenizer): sample grids are off")
+                self.disabled = True
+                return
+        # The latents the pipeline decodes are divided by the scale factor the run uses.
+        self.pipeline.scheduler.scale_factor = float(np.asarray(ctx.state.extra["scale_factor"]))
+        prompts = list(cfg.prompts) if obj.text is not None else int(cfg.num)
+        images = self.pipeline.generate(
+            prompts, sampler=cfg.sampler, schedule=cfg.schedule, steps=int(cfg.steps),
+            guidance_scale=float(cfg.guidance_scale) if obj.text is not None else 1.0, seed=int(cfg.seed),
+            params=sample_params(obj, ctx.state),
+        )
+        if ctx.writer is not None:  # process 0 only
+            write_grid(np.asarray(images), ctx.workdir / "samples" / f"step_{ctx.step:07d}.png", ctx.writer, "samples",
+                       ctx.step)
+
+
+def ldm_hooks(objective: Any) -> list[Hook]:
+    """The LDM objective's hooks: a sample grid every `sample.every` steps (0 = never)."""
+    every = int(objective.config.sample.every)
+    if every <= 0 or (objective.text is not None and not list(objective.config.sample.prompts)):
+        return []
+    return [Hook(every=every, fn=SampleGrid(objective), name="samples")]

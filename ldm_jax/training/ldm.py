@@ -1,0 +1,291 @@
+"""The latent-diffusion objective (Rombach et al. 2022, arXiv 2112.10752; LDM `ddpm.py` LatentDiffusion).
+
+A frozen first stage maps images to latents z = scale_factor · E(x) (`scale_by_std`: scale_factor =
+1/std of the first batch's latents, stored in the state); a UNet learns to predict eps / v / x0 from
+z_t = sqrt(ᾱ_t)·z + sqrt(1−ᾱ_t)·ε. Conditioning: text (frozen CLIP or a jointly trained encoder),
+class labels (LDM's class embedder as cross-attention context, or ADM-style `y`), or none; with
+probability `cond.drop_prob` the condition is replaced by the empty prompt / the null class inside the
+jitted step, so one model serves classifier-free guidance.
+
+Parameter groups: {"model": {"unet", ["text"], ["class_embed"], ["logvar"]}} with one AdamW; frozen:
+{"first_stage", ["text"]}; extra: {"scale_factor", "uncond_ids"}.
+
+Random draws: timesteps, noise and dropout masks come from `jax.random` inside the jitted step. JAX's
+partitionable threefry (the default) makes each device generate only its own shard of a batch-sharded
+draw with no cross-device traffic, and the values do not depend on the mesh, so a (data 4 × fsdp 2) run
+equals a one-device run and a checkpoint resumes exactly on another mesh. Per-device draws in a
+`shard_map` (fold_in(axis_index)) would also avoid communication but would tie the noise to the
+device count, so they buy nothing here; see tests/test_training.py::test_noise_draw_has_no_collectives.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from ldm_jax import sharding as shd
+from ldm_jax.diffusion import losses, schedules
+from ldm_jax.models import layers
+from ldm_jax.training import optim
+from ldm_jax.training.objective import ConfigError
+from ldm_jax.training.state import TrainState, apply_gradients
+
+log = logging.getLogger("ldm_jax.train")
+
+COND_TYPES = ("text", "class", "none")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ClassEmbedder(nn.Module):
+    """LDM's `ClassEmbedder`: label -> (B, 1, dim) cross-attention context; row `num_classes` is the null class."""
+
+    num_classes: int
+    dim: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels: jax.Array) -> jax.Array:
+        table = self.param(
+            "embedding", layers.partitioned(nn.initializers.normal(1.0), ("vocab", "table")),
+            (self.num_classes + 1, self.dim), self.param_dtype,
+        )
+        return jnp.take(table, labels, axis=0)[:, None, :]
+
+
+def _kwargs(block: Any) -> dict[str, Any]:
+    d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+class LDMObjective:
+    """The LDM objective for the shared loop (see `ldm_jax.training.objective`)."""
+
+    name = "ldm"
+    ema_groups = ("model",)
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any = None):
+        from ldm_jax.models.autoencoder import autoencoder_class
+        from ldm_jax.models.unet import UNet
+
+        self.config = c = config
+        if c.dtype not in DTYPES:
+            raise ConfigError(f"dtype={c.dtype!r} is unknown; use one of {sorted(DTYPES)}")
+        if c.cond.type not in COND_TYPES:
+            raise ConfigError(f"cond.type={c.cond.type!r} is unknown; use one of {COND_TYPES}")
+        dtype = DTYPES[c.dtype]
+        self.unet_kwargs = _kwargs(c.unet)
+        if c.cond.type == "class" and c.cond.class_mode == "y":
+            self.unet_kwargs["num_classes"] = int(c.cond.num_classes) + 1  # + the null class for guidance
+        self.unet = UNet(**self.unet_kwargs, dtype=dtype, remat_policy=c.remat)
+        self.vae_kwargs = _kwargs(c.first_stage.kwargs)
+        self.first_stage = autoencoder_class(self.vae_kwargs)(**self.vae_kwargs, dtype=dtype)
+        self.is_vq = "n_embed" in self.vae_kwargs
+        self.text_kwargs = _kwargs(c.cond.text) if c.cond.type == "text" else None
+        self.text = None
+        if self.text_kwargs is not None:
+            from ldm_jax.models.text import CLIPTextTransformer
+
+            self.text = CLIPTextTransformer(**self.text_kwargs, dtype=dtype, remat_policy=c.remat)
+        self.class_embed = None
+        if c.cond.type == "class" and c.cond.class_mode == "context":
+            self.class_embed = ClassEmbedder(int(c.cond.num_classes), int(self.unet_kwargs["context_dim"]))
+        self.tokenizer = tokenizer
+        d = c.diffusion
+        betas = schedules.make_betas(d.schedule, d.num_timesteps, linear_start=d.linear_start,
+                                     linear_end=d.linear_end, cosine_s=d.cosine_s)
+        self.alphas_cumprod_np = schedules.alphas_cumprod(betas)
+        self.tx, self.schedule = optim.make_optimizer(c.optim, int(c.global_batch_size))
+        f = 2 ** (len(self.vae_kwargs["ch_mult"]) - 1)
+        if c.image_size % f:
+            raise ConfigError(f"image_size={c.image_size} is not divisible by the first stage's downsampling {f}")
+        self.latent_shape = (c.image_size // f, c.image_size // f, int(self.vae_kwargs["embed_dim"]))
+        if self.unet_kwargs["in_channels"] != self.latent_shape[-1]:
+            raise ConfigError(
+                f"unet.in_channels={self.unet_kwargs['in_channels']} != first-stage latent channels "
+                f"{self.latent_shape[-1]}; set --config.unet.in_channels/out_channels to {self.latent_shape[-1]}"
+            )
+
+    # ---------------------------------------------------------------- objective interface
+    def optimizers(self):
+        return {"model": self.tx}
+
+    def schedules(self):
+        return {"model": self.schedule}
+
+    @property
+    def text_trainable(self) -> bool:
+        return self.text is not None and bool(self.config.cond.text_trainable)
+
+    def _uncond_ids(self) -> np.ndarray:
+        length = int(self.text_kwargs.get("max_length", 77))
+        if self.tokenizer is None:
+            return np.zeros((length,), np.int32)  # no tokenizer (tests): the all-zeros sequence is the null prompt
+        return np.asarray(self.tokenizer([""]), np.int32)[0]
+
+    def init(self, key: jax.Array) -> dict[str, Any]:
+        c = self.config
+        k_unet, k_text, k_fs, k_cls = jax.random.split(key, 4)
+        x = jnp.zeros((1, *self.latent_shape), jnp.float32)
+        context, y = self._dummy_cond()
+        model: dict[str, Any] = {"unet": self.unet.init(k_unet, x, jnp.zeros((1,), jnp.int32), context, y)["params"]}
+        frozen: dict[str, Any] = {}
+        extra: dict[str, Any] = {"scale_factor": jnp.asarray(c.first_stage.scale_factor, jnp.float32)}
+        if self.text is not None:
+            ids = jnp.asarray(self._uncond_ids())[None]
+            text_params = self.text.init(k_text, ids)["params"]
+            (model if self.text_trainable else frozen)["text"] = text_params
+            extra["uncond_ids"] = jnp.asarray(self._uncond_ids())
+        if self.class_embed is not None:
+            model["class_embed"] = self.class_embed.init(k_cls, jnp.zeros((1,), jnp.int32))["params"]
+        if c.diffusion.learn_logvar:
+            model["logvar"] = jnp.full((c.diffusion.num_timesteps,), c.diffusion.logvar_init, jnp.float32)
+        img = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
+        frozen["first_stage"] = self.first_stage.init(k_fs, img, method=self._fs_init_method)["params"]
+        return {"params": {"model": model}, "frozen": frozen, "extra": extra}
+
+    def _fs_init_method(self, module, img):
+        return module(img) if self.is_vq else module(img, sample_posterior=False)
+
+    def _dummy_cond(self):
+        context = y = None
+        if self.text is not None:
+            context = jnp.zeros((1, int(self.text_kwargs.get("max_length", 77)), self.unet_kwargs["context_dim"]))
+        elif self.class_embed is not None:
+            context = jnp.zeros((1, 1, self.unet_kwargs["context_dim"]))
+        elif self.config.cond.type == "class":
+            y = jnp.zeros((1,), jnp.int32)
+        return context, y
+
+    # ---------------------------------------------------------------- pieces of the step
+    def encode(self, fs_params: Any, images: jax.Array, key: jax.Array) -> jax.Array:
+        """Unscaled first-stage latents: a posterior sample (KL, as LDM) or the quantized code (VQ)."""
+        if self.is_vq:
+            quant, _, _ = self.first_stage.apply({"params": fs_params}, images, method="encode")
+            return jax.lax.stop_gradient(quant.astype(jnp.float32))
+        posterior = self.first_stage.apply({"params": fs_params}, images, method="encode")
+        z = posterior.sample(key) if self.config.first_stage.sample_posterior else posterior.mode()
+        return jax.lax.stop_gradient(z.astype(jnp.float32))
+
+    def conditioning(self, model: Any, state: TrainState, batch: dict, key: jax.Array):
+        """(context, y) for the UNet, with the condition dropped to the null one with prob `cond.drop_prob`."""
+        c = self.config.cond
+        n = batch["image"].shape[0]
+        drop = jax.random.bernoulli(key, c.drop_prob, (n,)) if c.drop_prob > 0 else jnp.zeros((n,), bool)
+        if self.text is not None:
+            ids = jnp.where(drop[:, None], state.extra["uncond_ids"][None, :], batch["input_ids"])
+            params = model["text"] if self.text_trainable else state.frozen["text"]
+            hidden, _ = self.text.apply({"params": params}, ids)
+            if not self.text_trainable:
+                hidden = jax.lax.stop_gradient(hidden)
+            return hidden, None
+        if c.type == "class":
+            labels = jnp.where(drop, int(c.num_classes), batch["label"])
+            if self.class_embed is not None:
+                return self.class_embed.apply({"params": model["class_embed"]}, labels), None
+            return None, labels
+        return None, None
+
+    def loss(self, model: Any, state: TrainState, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+        """LDM's p_losses on one (micro-)batch for the trainable `model` group."""
+        d = self.config.diffusion
+        k_enc, k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 5)
+        ab = jnp.asarray(self.alphas_cumprod_np, jnp.float32)
+        z0 = self.encode(state.frozen["first_stage"], batch["image"], k_enc) * state.extra["scale_factor"]
+        context, y = self.conditioning(model, state, batch, k_drop)
+        t = jax.random.randint(k_t, (z0.shape[0],), 0, d.num_timesteps)
+        noise = losses.sample_noise(k_noise, z0.shape, d.offset_noise)
+        zt = losses.q_sample(z0, noise, t, ab)
+        out = self.unet.apply({"params": model["unet"]}, zt, t, context, y, train=True, rngs={"dropout": k_dropout})
+        target = losses.prediction_target(d.prediction, z0, noise, t, ab)
+        weights = None
+        if d.min_snr_gamma > 0:
+            snr = jnp.asarray(losses.snr_table(self.alphas_cumprod_np), jnp.float32)[t]
+            weights = losses.min_snr_weight(snr, d.min_snr_gamma, d.prediction)
+        return losses.diffusion_loss(out, target, t, loss_type=d.loss, logvar=model.get("logvar"), weights=weights)
+
+    def train_step(self, state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, dict]:
+        loss_fn = lambda p, b, k: self.loss(p, state, b, k)  # noqa: E731
+        loss, metrics, grads = optim.accumulate(loss_fn, state.params["model"], batch, key, self.config.optim.grad_accum)
+        state, gnorm = apply_gradients(state, "model", grads, self.tx)
+        return state, {"loss": loss, "grad_norm": gnorm, **metrics}
+
+    def prepare(self, state: TrainState, batch: dict) -> TrainState:
+        """scale_by_std: scale_factor = 1 / std of the first batch's latents (LDM on_train_batch_start)."""
+        if not self.config.first_stage.scale_by_std:
+            return state
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 2**32 - 1)  # never a step index
+        z = self.encode(state.frozen["first_stage"], batch["image"], key)
+        return state.replace(extra={**state.extra, "scale_factor": 1.0 / jnp.std(z)})
+
+    def export(self, state: TrainState) -> dict:
+        """Facts a sampler needs besides the weights (saved in each checkpoint's meta)."""
+        return {"scale_factor": float(jax.device_get(state.extra["scale_factor"])), **self.scheduler_dict()}
+
+    def scheduler_dict(self) -> dict:
+        """The training noise schedule in diffusers' scheduler names (`ldm_jax.pipeline.SchedulerConfig`)."""
+        d = self.config.diffusion
+        return dict(num_train_timesteps=int(d.num_timesteps), beta_start=float(d.linear_start),
+                    beta_end=float(d.linear_end), beta_schedule={"linear": "scaled_linear"}.get(d.schedule, d.schedule),
+                    prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[d.prediction])
+
+    # ---------------------------------------------------------------- host side
+    def validate(self, mesh) -> None:
+        """Checks paths before anything is compiled."""
+        from ldm_jax.training import ldm_io
+
+        ldm_io.check_first_stage(self.config)
+
+    def load_pretrained(self, state: TrainState, mesh) -> TrainState:
+        from ldm_jax.training import ldm_io
+
+        return ldm_io.load_pretrained(self, state, mesh)
+
+    def make_dataset(self, mesh):
+        from ldm_jax.data import make_dataset
+
+        return make_dataset(self.config.data, mesh=mesh, global_batch_size=int(self.config.global_batch_size),
+                            tokenizer=self.tokenizer, seed=int(self.config.seed))
+
+    def hooks(self):
+        from ldm_jax.training import hooks
+
+        return hooks.ldm_hooks(self)
+
+
+def build(config: ml_collections.ConfigDict, tokenizer: Any = None) -> LDMObjective:
+    """The LDM objective of `config` (the tokenizer comes from `cond.tokenizer` when not given)."""
+    if tokenizer is None and config.cond.type == "text" and config.cond.get("tokenizer"):
+        from ldm_jax.training import ldm_io
+
+        tokenizer = ldm_io.load_tokenizer(config)
+    return LDMObjective(config, tokenizer)
+
+
+def default_ldm_config() -> ml_collections.ConfigDict:
+    """The LDM-specific blocks of a training config (configs/ldm_*.py fill in the models)."""
+    from ldm_jax.training.loop import default_loop_config
+
+    c = default_loop_config()
+    c.objective = "ldm"
+    c.image_size = 256
+    c.dtype = "float32"  # compute dtype; parameters stay float32 (bf16 compute, fp32 master weights)
+    c.remat = "none"
+    c.unet = ml_collections.ConfigDict()
+    c.first_stage = dict(kwargs={}, checkpoint="", scale_factor=0.18215, scale_by_std=False, sample_posterior=True)
+    c.cond = dict(type="text", text={}, text_trainable=False, text_checkpoint="", tokenizer="", drop_prob=0.1,
+                  num_classes=1000, class_mode="context")
+    c.init_from = ""  # a diffusers folder / single-file SD checkpoint whose UNet (and VAE/CLIP) start the run
+    c.diffusion = dict(schedule="linear", num_timesteps=1000, linear_start=0.00085, linear_end=0.012, cosine_s=8e-3,
+                       prediction="eps", loss="l2", min_snr_gamma=0.0, offset_noise=0.0, learn_logvar=False,
+                       logvar_init=0.0)
+    c.optim = optim.default_optim_config()
+    c.sample = dict(every=0, prompts=[], num=8, seed=0, sampler="euler", schedule="karras", steps=20,
+                    guidance_scale=3.0)
+    c.data = ml_collections.ConfigDict()
+    return c

@@ -1,0 +1,164 @@
+"""Host-side I/O of the LDM objective: first-stage / text-encoder weights, tokenizers, reading a workdir back.
+
+A first stage (`config.first_stage.checkpoint`) is one of
+  "random"                        random weights (tests, benchmarks)
+  an autoencoder workdir of ours  `WORKDIR/checkpoints/<step>/` written by the autoencoder objective:
+                                  its `ema["ae"]` (else `params["ae"]`) with the kwargs in
+                                  meta["first_stage_kwargs"]
+  a diffusers VAE folder          config.json + diffusion_pytorch_model.safetensors (or an SD folder with vae/)
+  a single-file SD checkpoint     .safetensors / .ckpt with `first_stage_model.` keys
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from ldm_jax import sharding as shd
+from ldm_jax.training.objective import ConfigError
+
+HOW_TO_FIRST_STAGE = (
+    "train one with `python -m ldm_jax.train --config=configs/autoencoder_kl_f8.py --workdir=DIR` and set "
+    "--config.first_stage.checkpoint=DIR, point it at a Stable Diffusion VAE (a diffusers folder or a .safetensors "
+    "single-file checkpoint), or use a config with `first_stage_train` (two stages from one command)"
+)
+
+
+def _is_workdir(path: pathlib.Path) -> bool:
+    return (path / "checkpoints").is_dir()
+
+
+def check_first_stage(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError (before compiling) when the first-stage checkpoint is missing."""
+    ckpt = str(config.first_stage.checkpoint)
+    if ckpt == "random":
+        return
+    if not ckpt:
+        raise ConfigError(f"config.first_stage.checkpoint is empty: {HOW_TO_FIRST_STAGE}")
+    path = pathlib.Path(ckpt)
+    if not path.exists():
+        raise ConfigError(f"first-stage checkpoint {path} does not exist: {HOW_TO_FIRST_STAGE}")
+    if path.is_dir() and not (_is_workdir(path) or (path / "config.json").exists() or (path / "vae").is_dir()):
+        raise ConfigError(f"{path} is neither an autoencoder workdir (no checkpoints/) nor a diffusers VAE folder: "
+                          f"{HOW_TO_FIRST_STAGE}")
+    if _is_workdir(path):
+        from ldm_jax.checkpoint import Checkpointer
+
+        if Checkpointer(path / "checkpoints", async_save=False).latest_step() is None:
+            raise ConfigError(f"autoencoder workdir {path} has no complete checkpoint yet: {HOW_TO_FIRST_STAGE}")
+
+
+def _compare_kwargs(found: dict, expected: dict, where: str) -> None:
+    diff = {k: (found[k], expected.get(k)) for k in found
+            if k in expected and tuple(np.atleast_1d(found[k])) != tuple(np.atleast_1d(expected[k]))}
+    if diff:
+        raise ConfigError(f"first stage in {where} does not match config.first_stage.kwargs: "
+                          + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+                          + "; set --config.first_stage.kwargs.<name> to the checkpoint's values")
+
+
+def read_workdir_params(workdir: str | pathlib.Path, group: str, abstract: Any, use_ema: bool = True) -> tuple[Any, dict]:
+    """(params of `group` — the EMA copy when saved —, meta) from the newest checkpoint of one of our workdirs.
+
+    `abstract` is the boxed or plain abstract tree of that group; only those arrays are read (partial restore).
+    """
+    import orbax.checkpoint as ocp
+
+    from ldm_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ConfigError(f"{workdir} has no complete checkpoint")
+    meta = ckpt.read_meta(step)
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    plain = nn.meta.unbox(abstract)
+    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd.replicated(mesh)), plain)
+    path = ckpt.directory / str(step) / "state"
+    for field in (("ema", "params") if use_ema else ("params",)):
+        item = {field: {group: target}}
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                path, args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                                  partial_restore=True))
+            ckpt.close()
+            return restored[field][group], meta
+        except (KeyError, ValueError, FileNotFoundError):
+            continue
+    ckpt.close()
+    raise ConfigError(f"{workdir}: its checkpoint has no parameter group {group!r} (is it the right kind of workdir?)")
+
+
+def load_first_stage(config: ml_collections.ConfigDict, module: nn.Module, abstract: Any) -> Any:
+    """Host params of the first stage named by `config.first_stage.checkpoint` (see the module docstring)."""
+    from ldm_jax.interop import common, vae
+
+    path = pathlib.Path(config.first_stage.checkpoint)
+    kwargs = config.first_stage.kwargs.to_dict()
+    if _is_workdir(path):
+        params, meta = read_workdir_params(path, "ae", abstract)
+        if "first_stage_kwargs" in meta:
+            _compare_kwargs(meta["first_stage_kwargs"], kwargs, str(path))
+        return jax.device_get(params)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae").is_dir() else path
+        cfg = json.loads((folder / "config.json").read_text())
+        _compare_kwargs(vae.config_from_diffusers(cfg), kwargs, str(folder))
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"{folder} has no .safetensors weights")
+        return vae.from_diffusers(common.StrictStateDict(common.load_safetensors(files[0]), str(files[0])), kwargs)
+    tensors = common.load_state_dict(path)
+    _compare_kwargs(vae.config_from_compvis(tensors), kwargs, str(path))
+    return vae.from_compvis(common.StrictStateDict(tensors, str(path)), kwargs)
+
+
+def load_text_encoder(config: ml_collections.ConfigDict) -> Any:
+    """Host params of a pretrained CLIP text encoder (transformers folder or single-file SD checkpoint)."""
+    from ldm_jax.interop import clip, common
+
+    path = pathlib.Path(config.cond.text_checkpoint)
+    kwargs = config.cond.text.to_dict()
+    if path.is_dir():
+        folder = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+        files = sorted(folder.glob("*.safetensors"))
+        return clip.from_diffusers(common.StrictStateDict(common.load_safetensors(files[0]), str(files[0])), kwargs)
+    tensors = common.load_state_dict(path)
+    return clip.from_compvis(common.StrictStateDict(tensors, str(path)), kwargs)
+
+
+def load_pretrained(objective: Any, state: Any, mesh) -> Any:
+    """Puts the configured first stage, frozen text encoder and `init_from` UNet into a fresh state."""
+    config = objective.config
+    frozen = dict(state.frozen)
+    params = {g: dict(p) for g, p in state.params.items()}
+    if str(config.first_stage.checkpoint) != "random":
+        host = load_first_stage(config, objective.first_stage, state.frozen["first_stage"])
+        frozen["first_stage"] = shd.put_like(host, state.frozen["first_stage"])
+    if objective.text is not None and config.cond.text_checkpoint:
+        host = load_text_encoder(config)
+        if objective.text_trainable:
+            params["model"]["text"] = shd.put_like(host, state.params["model"]["text"])
+        else:
+            frozen["text"] = shd.put_like(host, state.frozen["text"])
+    if config.init_from:
+        from ldm_jax.interop import pretrained
+
+        p = (pretrained.load_diffusers if pathlib.Path(config.init_from).is_dir() else pretrained.load_single_file)(
+            config.init_from)
+        params["model"]["unet"] = shd.put_like(p.unet_params, state.params["model"]["unet"])
+    state = state.replace(frozen=frozen, params=params)
+    # EMA starts from the loaded weights (LitEma copies the model at start).
+    return state.replace(ema={g: jax.tree_util.tree_map(lambda x: x, state.params[g]) for g in state.ema})
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> Any:
+    """The tokenizer named by `cond.tokenizer` (a CLIP tokenizer folder or a tokenizer.json)."""
+    from ldm_jax.data import tokenizers
+
+    return tokenizers.load_tokenizer(str(config.cond.tokenizer), max_length=int(config.cond.text.get("max_length", 77)))

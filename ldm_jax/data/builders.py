@@ -74,7 +74,7 @@ def shapes_config(spec: shapes_lib.ShapesSpec, seed: int, num_train: int, num_te
     """A builder config whose name identifies its contents (one cache directory per variant)."""
     key = repr((dataclasses.astuple(spec), seed, num_train, num_test, num_heldout))
     name = f"r{spec.resolution}_n{num_train}_s{seed}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-    return ShapesConfig(name=name, description=f"shapes {spec}", spec=spec, seed=seed,
+    return ShapesConfig(name=name, description=f"shapes at {spec.resolution} px", spec=spec, seed=seed,
                         num_train=num_train, num_test=num_test, num_heldout=num_heldout)
 
 

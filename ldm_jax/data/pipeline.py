@@ -31,7 +31,24 @@ STATE_VERSION = 1
 
 
 def load_builder(data_config: ml_collections.ConfigDict):
-    """The prepared tfds builder for the configured source (prepares it on first use)."""
+    """The prepared tfds builder for the configured source (prepares it on first use).
+
+    With several processes, process 0 prepares first while the others wait; they then find its files
+    (shared data_dir) or prepare their own copy (per-host disks), never racing on one directory.
+    """
+    if jax.process_count() == 1:
+        return _load_builder(data_config)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() != 0:
+        multihost_utils.sync_global_devices("ldm_jax.data: process 0 prepared the dataset")
+    builder = _load_builder(data_config)
+    if jax.process_index() == 0:
+        multihost_utils.sync_global_devices("ldm_jax.data: process 0 prepared the dataset")
+    return builder
+
+
+def _load_builder(data_config: ml_collections.ConfigDict):
     c = data_config
     if c.source == "shapes":
         s = c.shapes

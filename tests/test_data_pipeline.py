@@ -156,3 +156,24 @@ def test_preprocess_resize_crop_flip():
     small = preprocess_image(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8), 32, None, random_crop=False,
                              flip=False)
     assert small.shape == (32, 32, 3)  # upscaled
+
+
+def test_dropped_iterators_stop_their_threads(cfg, mesh):
+    import gc
+    import threading
+    import time
+
+    def alive():
+        return sum(t.name == "ldm_jax-data" for t in threading.enumerate())
+
+    before = alive()
+    for _ in range(3):  # like an evaluation hook: read a few batches, drop the iterator
+        it = make_dataset(cfg, mesh=mesh, global_batch_size=B, split="test")
+        next(it)
+    assert alive() >= before + 1
+    del it
+    gc.collect()
+    deadline = time.time() + 5
+    while alive() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert alive() == before

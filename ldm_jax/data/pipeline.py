@@ -14,6 +14,7 @@ import io
 import logging
 import queue
 import threading
+import weakref
 from typing import Any, Callable
 
 import grain
@@ -201,6 +202,10 @@ class DataIterator:
         self._stop = threading.Event()
         self._normalize = jax.jit(to_unit_range)  # keeps the input's (data, fsdp) sharding
         self.preprocess: _Preprocess | None = None
+        # The producer thread holds no reference to `self`, so an iterator that is simply dropped
+        # (an evaluation that reads a few batches) is collected, and this stops its thread.
+        self._control = {"stop": self._stop}
+        weakref.finalize(self, lambda control: control["stop"].set(), self._control)
 
     @property
     def num_skipped(self) -> int:
@@ -208,33 +213,11 @@ class DataIterator:
         return self.preprocess.skipped if self.preprocess is not None else 0
 
     # -- producer ------------------------------------------------------------------------------
-    def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        out = {k: jax.make_array_from_process_local_data(batch_sharding(self._mesh, v.ndim), v)
-               for k, v in local.items()}
-        out["image"] = self._normalize(out["image"])
-        return out
-
-    def _produce(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item: Any = (self._to_global(next(self._iter)), self._iter.get_state())
-            except StopIteration:
-                item = StopIteration
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-                item = e
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if not isinstance(item, tuple):
-                return
-
     def _start(self) -> None:
         if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._produce, name="ldm_jax-data", daemon=True)
+            self._stop = self._control["stop"] = threading.Event()
+            args = (self._iter, self._mesh, self._normalize, self._queue, self._stop)
+            self._thread = threading.Thread(target=_produce, args=args, name="ldm_jax-data", daemon=True)
             self._thread.start()
 
     def close(self) -> None:
@@ -244,12 +227,6 @@ class DataIterator:
             self._thread.join()
             self._thread = None
             self._queue = queue.Queue(self._prefetch)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
     # -- consumer ------------------------------------------------------------------------------
     def __iter__(self) -> "DataIterator":
@@ -282,6 +259,29 @@ class DataIterator:
         self.close()
         self._iter.set_state(state["grain"])
         self._state = self._iter.get_state()
+
+
+def _produce(it: Any, mesh: Mesh, normalize: Callable, out: queue.Queue, stop: threading.Event) -> None:
+    """Prefetch thread: local batches -> global arrays (image scaled on device), each with the state after it."""
+    while not stop.is_set():
+        try:
+            local = next(it)
+            batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+                     for k, v in local.items()}
+            batch["image"] = normalize(batch["image"])
+            item: Any = (batch, it.get_state())
+        except StopIteration:
+            item = StopIteration
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            item = e
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if not isinstance(item, tuple):
+            return
 
 
 def make_dataset(data_config: ml_collections.ConfigDict, *, mesh: Mesh, global_batch_size: int,

@@ -164,17 +164,24 @@ def test_ckpt_without_torch_says_so(tmp_path, monkeypatch):
         pt.load_single_file(tmp_path / "m.ckpt")
 
 
-def test_diffusers_opens_our_export(tiny, tmp_path, goldens_dir):
+def test_diffusers_opens_our_exports(tiny, tmp_path, goldens_dir):
+    """diffusers reads our folder and, through its own single-file converter, both of our single-file layouts."""
     diffusers = pytest.importorskip("diffusers")
     torch = pytest.importorskip("torch")
-    pt.save_diffusers(tiny, tmp_path / "out")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"), safety_checker=None)
     ref = diffusers.StableDiffusionPipeline.from_pretrained(str(goldens_dir / "tiny_sd"), safety_checker=None)
-    for name in ("unet", "vae", "text_encoder"):
-        ours, theirs = getattr(pipe, name).state_dict(), getattr(ref, name).state_dict()
-        assert sorted(ours) == sorted(theirs), name
-        for k in ours:
-            torch.testing.assert_close(ours[k].float(), theirs[k].float(), rtol=0, atol=0, msg=k)
+    pt.save_diffusers(tiny, tmp_path / "out")
+    pipes = {"folder": diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"), safety_checker=None)}
+    for layout in ("hf", "open_clip"):
+        pt.save_single_file(tiny, tmp_path / f"{layout}.safetensors", text_layout=layout)
+        pipes[layout] = diffusers.StableDiffusionPipeline.from_single_file(
+            str(tmp_path / f"{layout}.safetensors"), config=str(goldens_dir / "tiny_sd"), safety_checker=None)
+    for how, pipe in pipes.items():
+        for name in ("unet", "vae", "text_encoder"):
+            ours, theirs = getattr(pipe, name).state_dict(), getattr(ref, name).state_dict()
+            assert sorted(ours) == sorted(theirs), (how, name)
+            for k in ours:
+                torch.testing.assert_close(ours[k].float(), theirs[k].float(), rtol=0, atol=0, msg=f"{how} {k}")
+    pipe = pipes["folder"]
     assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.vae.config.scaling_factor == pytest.approx(0.18215)
     ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():

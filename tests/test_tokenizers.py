@@ -75,3 +75,7 @@ def test_bpe_saved_and_reloaded_on_resume(tmp_path, captions):
         np.testing.assert_array_equal(loaded(PROMPTS), tok(PROMPTS))
     with pytest.raises(ValueError, match="empty"):
         train_bpe_tokenizer([])
+    with pytest.raises(ValueError, match="vocab_size 300 is too small"):
+        train_bpe_tokenizer(captions, vocab_size=300)
+    small = train_bpe_tokenizer(captions, vocab_size=530)  # room for 15 merges: never more ids than asked
+    assert small.vocab_size <= 530 and int(small(captions[:200]).max()) < 530

@@ -152,12 +152,15 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, max_length
         tok.decoder = decoders.ByteLevel()
         return tok
 
+    alphabet = list(bytes_to_unicode().values())
+    if vocab_size < 2 * len(alphabet) + 3:
+        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE: it needs at least "
+                         f"{2 * len(alphabet) + 3} (256 byte symbols, the same ending a word, PAD, BOS, EOS)")
     corpus = sorted(set(texts))
     if not corpus:
         raise ValueError("cannot train a tokenizer on an empty list of captions")
-    alphabet = list(bytes_to_unicode().values())
     n_merges = max(vocab_size - 2 * len(alphabet) - 3, 0)
-    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) * 2 + n_merges, min_frequency=1, initial_alphabet=alphabet,
+    trainer = trainers.BpeTrainer(vocab_size=2 * len(alphabet) + n_merges, min_frequency=1, initial_alphabet=alphabet,
                                   end_of_word_suffix="</w>", show_progress=False)
     learner = fresh(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
     learner.train_from_iterator(corpus, trainer=trainer)

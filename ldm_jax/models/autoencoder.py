@@ -280,13 +280,10 @@ class AutoencoderKL(_Autoencoder):
         self, x: jax.Array, *, key: jax.Array | None = None, sample_posterior: bool = True
     ) -> tuple[jax.Array, DiagonalGaussian]:
         """Reconstruction from a posterior sample (or its mode) and the posterior."""
+        if sample_posterior and key is None:
+            raise ValueError("sample_posterior=True needs a PRNG key (key=...); pass sample_posterior=False for the mode")
         posterior = self.encode(x)
-        if sample_posterior:
-            if key is None:
-                raise ValueError("sample_posterior=True needs a PRNG key (key=...); pass sample_posterior=False for the mode")
-            z = posterior.sample(key)
-        else:
-            z = posterior.mode()
+        z = posterior.sample(key) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
 

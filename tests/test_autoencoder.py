@@ -1,0 +1,280 @@
+"""AutoencoderKL / VQModel: parity with diffusers goldens, exact formulas, converters, sharding, presets."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from safetensors import safe_open
+
+from ldm_jax import sharding
+from ldm_jax.interop import vae as conv
+from ldm_jax.interop.common import CheckpointError, StrictStateDict, flatten, load_safetensors
+from ldm_jax.models.autoencoder import (
+    VAE_PRESETS,
+    AutoencoderKL,
+    DiagonalGaussian,
+    Encoder,
+    VectorQuantizer,
+    VQModel,
+    build_autoencoder,
+)
+
+
+def _golden(goldens_dir, name):
+    path = goldens_dir / f"vae_{name}_weights.safetensors"
+    with safe_open(str(path), "numpy") as f:
+        cfg = json.loads(f.metadata()["config"])
+    io = dict(np.load(goldens_dir / f"vae_{name}_io.npz"))
+    return cfg, load_safetensors(path), io
+
+
+def _close(ours, ref, rtol=1e-4):
+    """fp32 parity criterion: max abs error within rtol of the reference's largest magnitude."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    err, scale = np.max(np.abs(ours - ref)), np.max(np.abs(ref))
+    assert err <= rtol * scale, f"max error {err:.3g} > {rtol} * {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def kl(goldens_dir):
+    cfg, sd, io = _golden(goldens_dir, "kl")
+    kwargs = conv.config_from_diffusers(cfg)
+    params = conv.from_diffusers(StrictStateDict(sd), kwargs)
+    return kwargs, AutoencoderKL(**kwargs), params, sd, io
+
+
+@pytest.fixture(scope="module")
+def vq(goldens_dir):
+    cfg, sd, io = _golden(goldens_dir, "vq")
+    kwargs = conv.config_from_diffusers(cfg)
+    params = conv.from_diffusers(StrictStateDict(sd), kwargs)
+    return kwargs, VQModel(**kwargs), params, sd, io
+
+
+def _kl_outputs(model, params, x, z):
+    def f(p, x, z):
+        recon, post = model.apply({"params": p}, x, sample_posterior=False)
+        return post.mean, post.logvar, post.kl(), recon, model.apply({"params": p}, z, method="decode")
+
+    return jax.jit(f)(params, x, z)
+
+
+def test_kl_f8_parameter_count():
+    shapes = conv.param_shapes(VAE_PRESETS["kl-f8"])
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 83_653_863  # REFERENCE.md, SD v1 VAE
+
+
+def test_kl_matches_diffusers(kl):
+    kwargs, model, params, _, io = kl
+    assert kwargs["attn_resolutions"] == (128,) and kwargs["ch_mult"] == (1, 2, 2)  # attention at level 1 only
+    mean, logvar, kl_value, recon, decoded = _kl_outputs(model, params, io["x"], io["z"])
+    _close(mean, io["mean"])
+    _close(logvar, io["logvar"])
+    _close(kl_value, io["kl"])
+    _close(recon, io["recon_mode"])
+    _close(decoded, io["decoded_z"])
+
+
+def test_vq_matches_diffusers(vq):
+    kwargs, model, params, _, io = vq
+    assert kwargs["embed_dim"] == 3 and kwargs["z_channels"] == 4 and kwargs["n_embed"] == 16
+
+    @jax.jit
+    def f(p, x):
+        latent = model.apply({"params": p}, x, method="encode_latent")
+        quant, loss, idx = model.apply({"params": p}, x, method="encode")
+        recon, loss2, idx2 = model.apply({"params": p}, x)
+        from_codes = model.apply({"params": p}, idx, method="decode_code")
+        snapped = model.apply({"params": p}, latent, quantize=True, method="decode")
+        return latent, quant, loss, idx, recon, loss2, idx2, from_codes, snapped
+
+    latent, quant, loss, idx, recon, loss2, idx2, from_codes, snapped = f(params, io["x"])
+    _close(latent, io["latent"])
+    np.testing.assert_array_equal(idx, io["indices"])
+    np.testing.assert_array_equal(idx2, io["indices"])
+    assert len(np.unique(idx)) > 8  # the golden uses most of its 16 codes
+    _close(quant, io["quant"])
+    _close(loss, io["loss"])
+    _close(loss2, io["commit_loss"])
+    _close(recon, io["recon"])
+    np.testing.assert_allclose(from_codes, recon, atol=1e-5)
+    np.testing.assert_allclose(snapped, recon, atol=1e-5)
+
+
+def test_diagonal_gaussian_formulas():
+    rng = np.random.RandomState(0)
+    moments = rng.randn(2, 3, 3, 8).astype(np.float32) * 4
+    moments[0, 0, 0, 4], moments[0, 0, 1, 4] = -50.0, 40.0  # outside the [-30, 20] logvar clamp
+    post = DiagonalGaussian.from_moments(jnp.asarray(moments))
+    mean, logvar = moments[..., :4], np.clip(moments[..., 4:], -30.0, 20.0)
+    np.testing.assert_array_equal(post.mean, mean)
+    np.testing.assert_array_equal(post.logvar, logvar)
+    key = jax.random.key(3)
+    eps = np.asarray(jax.random.normal(key, mean.shape))
+    np.testing.assert_allclose(post.sample(key), mean + np.exp(0.5 * logvar) * eps, rtol=1e-6)
+    np.testing.assert_array_equal(post.mode(), mean)
+    var = np.exp(logvar.astype(np.float64))
+    ref_kl = 0.5 * np.sum(mean.astype(np.float64) ** 2 + var - 1.0 - logvar, axis=(1, 2, 3))
+    np.testing.assert_allclose(post.kl(), ref_kl, rtol=1e-5)
+    other = DiagonalGaussian(jnp.asarray(mean[::-1]), jnp.asarray(logvar[::-1]))
+    ovar = np.exp(logvar[::-1].astype(np.float64))
+    ref_kl2 = 0.5 * np.sum((mean - mean[::-1]) ** 2 / ovar + var / ovar - 1.0 - logvar + logvar[::-1], axis=(1, 2, 3))
+    np.testing.assert_allclose(post.kl(other), ref_kl2, rtol=1e-5)
+    np.testing.assert_allclose(post.kl(post), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_vector_quantizer_straight_through_and_loss(legacy):
+    rng = np.random.RandomState(1)
+    codebook = rng.randn(5, 2).astype(np.float32)
+    z = rng.randn(1, 2, 3, 2).astype(np.float32)
+    vq = VectorQuantizer(n_embed=5, embed_dim=2, beta=0.25, legacy=legacy)
+    p = {"params": {"embedding": jnp.asarray(codebook)}}
+    idx = np.argmin(((z[..., None, :] - codebook) ** 2).sum(-1), axis=-1)
+    zq_ref = codebook[idx]
+    zq, loss, indices = vq.apply(p, jnp.asarray(z))
+    np.testing.assert_array_equal(indices, idx)
+    np.testing.assert_allclose(zq, zq_ref, rtol=1e-6)
+    mse = np.mean((zq_ref - z) ** 2)
+    np.testing.assert_allclose(loss, 1.25 * mse, rtol=1e-5)  # both terms have the value mse
+    # Straight-through: d(sum(w * zq))/dz = w.
+    w = rng.randn(*z.shape).astype(np.float32)
+    g = jax.grad(lambda z: jnp.sum(vq.apply(p, z)[0] * w))(jnp.asarray(z))
+    np.testing.assert_allclose(g, w, rtol=1e-6)
+    # The loss sends (1, beta) (legacy) or (beta, 1) of its gradient to the encoder / the codebook.
+    enc_w, code_w = (1.0, 0.25) if legacy else (0.25, 1.0)
+    gz, gp = jax.grad(lambda z, p: vq.apply(p, z)[1], argnums=(0, 1))(jnp.asarray(z), p)
+    np.testing.assert_allclose(gz, enc_w * 2 * (z - zq_ref) / z.size, rtol=1e-5, atol=1e-7)
+    ref_gcode = np.zeros_like(codebook)
+    np.add.at(ref_gcode, idx.reshape(-1), (code_w * 2 * (zq_ref - z) / z.size).reshape(-1, 2))
+    np.testing.assert_allclose(gp["params"]["embedding"], ref_gcode, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["kl", "vq"])
+def test_diffusers_round_trip_is_exact(name, kl, vq):
+    kwargs, _, params, sd, _ = kl if name == "kl" else vq
+    exported = conv.to_diffusers(params, kwargs)
+    assert set(exported) == set(sd)  # the export is the original file, key for key ...
+    for k, v in sd.items():
+        np.testing.assert_array_equal(exported[k], v, err_msg=k)  # ... and bit for bit
+    again = conv.from_diffusers(StrictStateDict(exported), conv.config_from_diffusers(conv.config_to_diffusers(kwargs)))
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, again))
+
+
+@pytest.mark.parametrize("name", ["kl", "vq"])
+def test_compvis_round_trip_is_exact(name, kl, vq):
+    kwargs, _, params, _, _ = kl if name == "kl" else vq
+    tensors = conv.to_compvis(params, kwargs, prefix="first_stage_model.")
+    assert "first_stage_model.encoder.down.1.attn.0.q.weight" in tensors
+    assert "first_stage_model.decoder.up.1.attn.1.proj_out.weight" in tensors  # CompVis numbering, not diffusers'
+    assert tensors["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4  # 1x1 conv in CompVis
+    inferred = conv.config_from_compvis(tensors, "first_stage_model.", norm_groups=kwargs["norm_groups"])
+    for field in ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "in_channels", "out_ch", "mid_attn"):
+        assert inferred[field] == kwargs[field], field
+    assert conv._attn_levels(inferred) == conv._attn_levels(kwargs)
+    assert ("n_embed" in inferred) == (name == "vq")
+    # A training checkpoint's loss weights sit beside the model and are not part of it.
+    tensors["first_stage_model.loss.logvar"] = np.zeros((), np.float32)
+    again = conv.from_compvis(StrictStateDict(tensors), inferred, "first_stage_model.")
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, again))
+    assert conv.to_compvis(again, inferred, prefix="").keys() == {k[len("first_stage_model."):] for k in tensors} - {"loss.logvar"}
+
+
+def test_loads_fail_naming_the_bad_keys(kl):
+    kwargs, _, _, sd, _ = kl
+    broken = dict(sd)
+    del broken["decoder.up_blocks.1.attentions.0.to_q.weight"]
+    broken["encoder.conv_in.weight"] = broken["encoder.conv_in.weight"][:, :2]
+    broken["decoder.stray.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(CheckpointError) as e:
+        conv.from_diffusers(StrictStateDict(broken), kwargs)
+    msg = str(e.value)
+    assert "decoder.up_blocks.1.attentions.0.to_q.weight" in msg and "missing 1" in msg
+    assert "encoder.conv_in.weight: checkpoint (8, 2, 3, 3) vs model (8, 3, 3, 3)" in msg
+    assert "decoder.stray.weight" in msg
+    with pytest.raises(CheckpointError, match="no CompVis autoencoder"):
+        conv.config_from_compvis(sd, "first_stage_model.")
+
+
+def test_deprecated_diffusers_attention_names_load(kl):
+    kwargs, _, params, sd, _ = kl
+    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    old = {}
+    for k, v in sd.items():
+        for new, dep in renames.items():
+            k = k.replace(f".attentions.0.{new}.", f".attentions.0.{dep}.")
+        old[k] = v
+    assert "encoder.mid_block.attentions.0.proj_attn.weight" in old
+    again = conv.from_diffusers(StrictStateDict(old), kwargs)
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, again))
+
+
+def test_bf16_decode_tracks_fp32(kl):
+    kwargs, _, params, _, io = kl
+    bf16 = AutoencoderKL(**kwargs, dtype=jnp.bfloat16)
+    out = jax.jit(lambda p, z: bf16.apply({"params": p}, z, method="decode"))(params, io["z"])
+    assert out.dtype == jnp.float32
+    _close(out, io["decoded_z"], rtol=5e-2)
+
+
+def test_remat_keeps_gradients():
+    kw = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(128,), z_channels=2, norm_groups=4)
+    x = jnp.asarray(np.random.RandomState(0).randn(1, 8, 8, 3), jnp.float32)
+    # Random values on the abstract tree: an init (eager or jitted) would cost more compile time than the test.
+    abstract = jax.eval_shape(Encoder(**kw).init, jax.random.key(0), x)["params"]
+    rng = np.random.RandomState(0)
+    params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.randn(*a.shape), jnp.float32), nn.meta.unbox(abstract))
+
+    def grad(policy):
+        enc = Encoder(**kw, remat_policy=policy)
+        jaxpr = str(jax.make_jaxpr(lambda p: enc.apply({"params": p}, x))(params))
+        assert ("remat" in jaxpr) == (policy != "none"), policy
+        return jax.jit(jax.grad(lambda p: jnp.sum(enc.apply({"params": p}, x) ** 2)))(params)
+
+    g, g_remat = grad("none"), grad("full")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, g_remat)
+
+
+def test_sharded_forward_equals_single_device(kl):
+    kwargs, model, params, _, io = kl
+    mesh = sharding.make_mesh((2, 2, 2))
+    x = np.concatenate([io["x"]] * 2)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, sample_posterior=False))["params"]
+    p_shard = sharding.logical_sharding(abstract, mesh)
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(p_shard))
+    sharded_params = jax.device_put(params, p_shard)
+    xs = jax.device_put(x, sharding.batch_sharding(mesh, 4))
+    f = jax.jit(lambda p, x: model.apply({"params": p}, x, sample_posterior=False)[0])
+    np.testing.assert_allclose(f(sharded_params, xs), np.concatenate([io["recon_mode"]] * 2), atol=1e-4 * 2)
+
+
+def test_presets_build_with_expected_shapes():
+    for name, kw in VAE_PRESETS.items():
+        model = build_autoencoder(name)
+        size = 32 if name in ("tiny", "vq-tiny") else 64
+        x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+        out = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, method="encode"), x)[0]
+        latent = out[0] if isinstance(model, VQModel) else out.mean
+        f = model.downsample_factor
+        assert latent.shape == (1, size // f, size // f, kw["embed_dim"]), name
+    assert build_autoencoder("kl-f16").downsample_factor == 16 and build_autoencoder("kl-f4").downsample_factor == 4
+    assert "n_embed" not in conv.config_from_diffusers(conv.config_to_diffusers(VAE_PRESETS["kl-f8"]))
+
+
+def test_bad_inputs_raise_clear_errors(kl):
+    kwargs, model, params, _, io = kl
+    with pytest.raises(ValueError, match="PRNG key"):
+        model.apply({"params": params}, io["x"])
+    with pytest.raises(ValueError, match="divisible by the downsampling factor 4"):
+        model.apply({"params": params}, io["x"][:, :6, :6], method="encode")
+    with pytest.raises(ValueError, match="latents with 4 channels"):
+        model.apply({"params": params}, io["x"], method="decode")
+    with pytest.raises(KeyError, match="unknown autoencoder preset"):
+        build_autoencoder("kl-f7")
+    with pytest.raises(ValueError, match="embed_dim == z_channels"):
+        conv.config_to_diffusers({**kwargs, "embed_dim": 3})

@@ -34,6 +34,10 @@ def test_load_diffusers_reads_configs_and_weights(tiny, goldens_dir):
     # weights are the file's (fp16 upcast), transposed to our layout
     ref = load_safetensors(goldens_dir / "tiny_sd" / "text_encoder" / "model.safetensors")
     np.testing.assert_array_equal(tiny.params["text"]["layers_1"]["fc1"]["kernel"], ref["encoder.layers.1.mlp.fc1.weight"].T)
+    # a bare transformers CLIPTextModel folder loads the same way
+    kw, params = pt.load_text_encoder(goldens_dir / "tiny_sd" / "text_encoder")
+    assert kw == tiny.text_kwargs
+    _assert_same_params(params, tiny.params["text"])
 
 
 def test_diffusers_round_trip_is_exact(tiny, tmp_path):
@@ -187,3 +191,12 @@ def test_diffusers_opens_our_exports(tiny, tmp_path, goldens_dir):
     with torch.no_grad():
         np.testing.assert_array_equal(pipe.text_encoder(ids).pooler_output.numpy(),
                                       ref.text_encoder.float()(ids).pooler_output.numpy())
+
+
+def test_ckpt_with_torch(tiny, tmp_path):
+    torch = pytest.importorskip("torch")
+    pt.save_single_file(tiny, tmp_path / "m.safetensors")
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in load_safetensors(tmp_path / "m.safetensors").items()}
+    torch.save({"state_dict": sd, "global_step": 1}, tmp_path / "m.ckpt")  # a Lightning checkpoint
+    p = pt.load_single_file(tmp_path / "m.ckpt", overrides={"vae": {"norm_groups": 8}, "unet": {"num_heads": 2}})
+    _assert_same_params(tiny.params, p.params)

@@ -4,7 +4,14 @@ Whole pipelines: `load_diffusers`, `load_single_file`, `save_diffusers`, `save_s
 Per model (same function names in each): `ldm_jax.interop.unet`, `.vae`, `.clip`.
 """
 from ldm_jax.interop.common import CheckpointError, StrictStateDict, load_safetensors, load_state_dict, save_safetensors
-from ldm_jax.interop.pretrained import Pretrained, load_diffusers, load_single_file, save_diffusers, save_single_file
+from ldm_jax.interop.pretrained import (
+    Pretrained,
+    load_diffusers,
+    load_single_file,
+    load_text_encoder,
+    save_diffusers,
+    save_single_file,
+)
 
 __all__ = [
     "CheckpointError",
@@ -14,6 +21,7 @@ __all__ = [
     "load_safetensors",
     "load_single_file",
     "load_state_dict",
+    "load_text_encoder",
     "save_diffusers",
     "save_safetensors",
     "save_single_file",

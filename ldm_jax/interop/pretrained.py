@@ -136,6 +136,18 @@ def load_diffusers(path: str | os.PathLike, *, prediction_type: str | None = Non
                       tokenizer_dir=str(tok) if tok.is_dir() and any(tok.iterdir()) else None, sample_size=sample_size)
 
 
+def load_text_encoder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(kwargs, params) of a transformers CLIPTextModel folder (config.json + model.safetensors) or a
+    diffusers root (its text_encoder/)."""
+    root = pathlib.Path(path)
+    folder = root / "text_encoder" if (root / "text_encoder").is_dir() else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no text encoder folder at {root}")
+    cfg, sd = _component(folder.parent, folder.name)
+    kwargs = clip.config_from_diffusers(cfg)
+    return kwargs, clip.from_diffusers(sd, kwargs)
+
+
 def _check_prediction(p: str) -> str:
     if p not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {p!r}")

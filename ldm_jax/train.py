@@ -44,7 +44,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> objec
         with config.unlocked():
             config.first_stage.checkpoint = str(fs_dir)
         logging.info("stage 2/2: training the latent diffusion model in %s", workdir)
-    return loop.train(config, workdir)
+    result = loop.train(config, workdir)
+    if config.get("final_eval") is not None:  # e.g. configs/shapes.py: score held-out prompts -> WORKDIR/eval.json
+        from ldm_jax import evaluation
+
+        evaluation.run_final_eval(config, workdir)
+    return result
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,592 @@
+"""Text-to-image, img2img and inpainting with a latent diffusion model: `load_pretrained(...).generate(...)`.
+
+One jitted XLA program per (sampler, step count, image size, batch, mode): text encoding, the
+`lax.scan` sampler and VAE decoding. Prompts, seeds, guidance scales, sigma schedules of the same
+length and parameters are traced arguments, so changing them never recompiles. The batch is
+sharded over every device of a (data, 1, 1) mesh.
+
+Conventions (Rombach et al. 2022, arXiv 2112.10752; Karras et al. 2022, arXiv 2206.00364):
+samplers work in k-diffusion's σ space, x_σ = x0 + σ·ε = x_vp / sqrt(ᾱ). LDM's own samplers
+(ddim, plms, ddpm) start from VP noise (x_σ = ε·sqrt(1+σ_0²), as CompVis and diffusers do) and
+k-diffusion samplers from ε·σ_0 (as k-diffusion does). A schedule that ends at σ_N > 0 (diffusers'
+DDIM with `set_alpha_to_one=False` ends at ᾱ_0) returns x_vp = x_σ / sqrt(1+σ_N²), as they do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import pathlib
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from ldm_jax import sampling, sharding
+from ldm_jax.diffusion import denoisers, schedules
+
+# LDM's discrete-time samplers start from VP noise; every other sampler from ε·σ_max.
+VP_SAMPLERS = ("ddim", "plms", "ddpm")
+# SDE samplers keep their Brownian-tree noise (stable across step counts); the others draw per image.
+SDE_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")
+SCHEDULES = ("karras", "exponential", "polyexponential", "normal", "simple", "ddim_uniform")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    """The training noise schedule of a model (diffusers' scheduler_config fields)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    scale_factor: float = 0.18215
+    trained_betas: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SchedulerConfig":
+        """Keeps the known keys of a diffusers/Pretrained scheduler dict."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ_t for t = 0..T-1 in float64."""
+        # diffusers' names: "linear" is a plain linspace (ours "linear_diffusers"), "scaled_linear" is LDM's "linear".
+        name = {"linear": "linear_diffusers"}.get(self.beta_schedule, self.beta_schedule)
+        if self.trained_betas is not None:
+            betas = np.asarray(self.trained_betas, np.float64)
+        else:
+            betas = schedules.make_betas(
+                name, self.num_train_timesteps, linear_start=self.beta_start, linear_end=self.beta_end
+            )
+        return schedules.alphas_cumprod(betas)
+
+
+def _as_host_ids(tokenizer: Callable[[Sequence[str]], np.ndarray], texts: Sequence[str]) -> np.ndarray:
+    ids = np.asarray(tokenizer(list(texts)), dtype=np.int32)
+    if ids.ndim != 2 or ids.shape[0] != len(texts):
+        raise ValueError(f"tokenizer returned shape {ids.shape} for {len(texts)} texts; expected (B, L)")
+    return ids
+
+
+def _to_list(x: str | Sequence[str] | None, n: int | None, what: str) -> list[str] | None:
+    if x is None:
+        return None
+    items = [x] if isinstance(x, str) else list(x)
+    if not all(isinstance(s, str) for s in items):
+        raise TypeError(f"{what} must be a string or a list of strings, got {items!r}")
+    if n is not None and len(items) == 1 and n > 1:
+        items = items * n
+    if n is not None and len(items) != n:
+        raise ValueError(f"{what}: got {len(items)} entries for {n} images")
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that shapes the compiled program (a new value compiles a new program)."""
+
+    sampler: str
+    options: tuple[tuple[str, Any], ...]
+    n_sigmas: int
+    batch: int
+    latent_hw: tuple[int, int]
+    mode: str  # txt2img | img2img | inpaint
+    from_image: bool  # start from the noised image latents (strength < 1) rather than pure noise
+    has_latents: bool
+    output: str
+
+
+class Pipeline:
+    """A latent diffusion model ready to sample: modules, (optional) params, tokenizer and schedule.
+
+    `params` is {"unet": ..., "vae": ..., "text": ...} (plain trees). Pass `params=` to `generate`
+    to sample other weights (e.g. the trainer's EMA) with the same compiled programs.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module | None,
+        tokenizer: Callable[[Sequence[str]], np.ndarray] | None,
+        scheduler: SchedulerConfig | Mapping[str, Any],
+        params: Mapping[str, Any] | None = None,
+        *,
+        mesh: Mesh | None = None,
+        default_size: int | None = None,
+    ):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler = scheduler if isinstance(scheduler, SchedulerConfig) else SchedulerConfig.from_dict(scheduler)
+        if self.scheduler.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.scheduler.prediction_type!r} is not one of {PREDICTION_TYPES}")
+        if (text_encoder is None) != (tokenizer is None):
+            raise ValueError("a text encoder needs a tokenizer and vice versa")
+        self.mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
+        self.alphas_cumprod = self.scheduler.alphas_cumprod()
+        self.model_sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        self.params = None if params is None else self._place(params)
+        self._programs: dict[_Static, Callable] = {}
+        self.trace_count = 0  # incremented each time a program is traced (tests count recompiles)
+        # Image side used when generate() gets no height/width (SD1: 512; our small models: their data size).
+        self.default_size = int(default_size or getattr(vae, "resolution", 512))
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    def from_configs(
+        cls,
+        unet_kwargs: Mapping[str, Any],
+        vae_kwargs: Mapping[str, Any],
+        text_kwargs: Mapping[str, Any] | None,
+        tokenizer: Callable[[Sequence[str]], np.ndarray] | None,
+        scheduler: SchedulerConfig | Mapping[str, Any],
+        params: Mapping[str, Any] | None = None,
+        *,
+        mesh: Mesh | None = None,
+        default_size: int | None = None,
+    ) -> "Pipeline":
+        """Builds the modules from their kwargs (the trainer's sample-grid hook uses this)."""
+        from ldm_jax.models import autoencoder, text, unet
+
+        vae = autoencoder.build_autoencoder(dict(vae_kwargs))
+        text_module = None if text_kwargs is None else text.CLIPTextTransformer(**text_kwargs)
+        return cls(unet.UNet(**unet_kwargs), vae, text_module, tokenizer, scheduler, params, mesh=mesh,
+                   default_size=default_size)
+
+    def _place(self, params: Mapping[str, Any]) -> dict:
+        missing = [k for k in ("unet", "vae") + (("text",) if self.text_encoder is not None else ()) if k not in params]
+        if missing:
+            raise ValueError(f"params lack {missing}; expected keys unet, vae{', text' if self.text_encoder else ''}")
+        # Parameters already on devices (e.g. the trainer's sharded EMA) stay where they are.
+        return jax.tree_util.tree_map(
+            lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, sharding.replicated(self.mesh)), dict(params)
+        )
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.embed_dim)
+
+    @property
+    def downsample(self) -> int:
+        """Image pixels per latent pixel."""
+        return int(self.vae.downsample_factor)
+
+    @property
+    def _is_vq(self) -> bool:
+        return hasattr(self.vae, "n_embed")
+
+    # ------------------------------------------------------------------ schedules
+    def sigmas(self, schedule: str, steps: int, sampler: str = "euler") -> np.ndarray:
+        """The σ schedule (steps+1 values) for `steps` sampler steps, ending at 0 (or σ(t=0) for ddim_uniform)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        smin, smax = schedules.sigma_min_max(self.model_sigmas)
+        if schedule == "karras":
+            s = schedules.get_sigmas_karras(steps, smin, smax)
+        elif schedule == "exponential":
+            s = schedules.get_sigmas_exponential(steps, smin, smax)
+        elif schedule == "polyexponential":
+            s = schedules.get_sigmas_polyexponential(steps, smin, smax)
+        elif schedule == "ddim_uniform":
+            # LDM's own samplers end at ᾱ_0 (CompVis, and diffusers with set_alpha_to_one=False); others at 0.
+            final = "alpha0" if sampler in VP_SAMPLERS else "zero"
+            s = schedules.get_sigmas_ddim_uniform(steps, self.model_sigmas, final=final)
+        elif schedule in ("normal", "simple"):
+            s = schedules.get_sigmas_discrete(schedule, steps, self.model_sigmas)
+        else:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+        s = np.asarray(s, dtype=np.float32)
+        if s.shape != (steps + 1,):
+            raise ValueError(f"schedule {schedule!r} gave {s.shape[0]} sigmas for {steps} steps")
+        return s
+
+    # ------------------------------------------------------------------ the program
+    def _denoiser(self, params: dict, uncond_ctx, cond_ctx, guidance: jax.Array, extra: jax.Array | None):
+        """D(x, σ) of the UNet, with classifier-free guidance when there is a context (one batched call)."""
+        unet = self.unet
+
+        def model_fn(x_in: jax.Array, t: jax.Array, context=None, extra=None) -> jax.Array:
+            if extra is not None:  # concat-conditioning (SD inpainting): [x, mask, masked-image latents]
+                x_in = jnp.concatenate([x_in, extra.astype(x_in.dtype)], axis=-1)
+            return unet.apply({"params": params["unet"]}, x_in, t, context)
+
+        pred = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[self.scheduler.prediction_type]
+        denoiser = denoisers.DiscreteDenoiser(model_fn, self.alphas_cumprod, pred)
+        if cond_ctx is None:
+            return functools.partial(denoiser, extra=extra) if extra is not None else denoiser
+        extra_kw = {} if extra is None else {"extra": extra}
+        return denoisers.CFGDenoiser(denoiser, {"context": cond_ctx, **extra_kw}, {"context": uncond_ctx, **extra_kw},
+                                     scale=guidance)
+
+    def _encode_text(self, params: dict, ids: jax.Array) -> jax.Array:
+        hidden, _ = self.text_encoder.apply({"params": params["text"]}, ids)
+        return hidden
+
+    def _decode(self, params: dict, z: jax.Array, scale: jax.Array | float) -> jax.Array:
+        z = z / scale
+        if self._is_vq:  # LDM decodes VQ samples through the codebook (VQModelInterface.decode)
+            img = self.vae.apply({"params": params["vae"]}, z, quantize=True, method="decode")
+        else:
+            img = self.vae.apply({"params": params["vae"]}, z, method="decode")
+        return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+    def _encode_image(self, params: dict, img: jax.Array, scale: jax.Array | float | None = None) -> jax.Array:
+        """Latents of images in [-1, 1]: the posterior mean (KL) or pre-quantization code (VQ), times scale."""
+        if self._is_vq:
+            z = self.vae.apply({"params": params["vae"]}, img, method="encode_latent")
+        else:
+            z = self.vae.apply({"params": params["vae"]}, img, method="encode").mode()
+        return z * (self.scheduler.scale_factor if scale is None else scale)
+
+    def _program(self, st: _Static) -> Callable:
+        if st in self._programs:
+            return self._programs[st]
+        sample_fn = sampling.SAMPLERS[st.sampler]
+        options = dict(st.options)
+        bsh = sharding.batch_sharding(self.mesh, 4)
+        h, w = st.latent_hw
+        shape = (st.batch, h, w, self.latent_channels)
+
+        # scale: the latent scale factor is an argument, so a run's scale_by_std value never goes stale.
+        def program(params, cond_ids, uncond_ids, guidance, keys, latents, sigmas, image, mask, scale):
+            self.trace_count += 1  # runs at trace time only
+            cond_ctx = uncond_ctx = None
+            if self.text_encoder is not None:
+                ctx = self._encode_text(params, jnp.concatenate([uncond_ids, cond_ids], axis=0))
+                uncond_ctx, cond_ctx = ctx[: st.batch], ctx[st.batch :]
+            # One key per image: its noise does not depend on the batch it lands in.
+            if st.has_latents:
+                noise = latents
+            else:
+                noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape[1:]))(keys)
+            noise = jax.lax.with_sharding_constraint(noise, bsh)
+            extra = init = m = None
+            if st.mode in ("img2img", "inpaint"):
+                init = self._encode_image(params, image, scale)
+            if st.mode == "inpaint":
+                m = jax.image.resize(mask[..., None], (st.batch, h, w, 1), "nearest")
+                if self._concat_inpainting:
+                    # SD-inpainting UNets take [x, mask, masked-image latents] (9 channels for SD).
+                    extra = jnp.concatenate([m, self._encode_image(params, image * (mask[..., None] < 0.5), scale)], -1)
+            denoise = self._denoiser(params, uncond_ctx, cond_ctx, guidance, extra)
+            if st.mode == "inpaint" and extra is None:
+                # Plain UNets: the known region's x0 is the image's (denoiser-level masking), so any sampler works.
+                inner = denoise
+                denoise = lambda x, s: m * inner(x, s) + (1 - m) * init  # noqa: E731
+            s0 = sigmas[0]
+            if st.from_image:
+                x = init + noise * s0
+            else:
+                x = noise * (jnp.sqrt(1 + s0**2) if st.sampler in VP_SAMPLERS else s0)
+            if st.sampler in SDE_SAMPLERS:
+                noise_kw = {"key": jax.random.fold_in(keys[0], 1)}  # their Brownian-tree default
+            else:
+                def noise_sampler(i, sigma, sigma_next):
+                    draw = lambda k: jax.random.normal(jax.random.fold_in(jax.random.fold_in(k, 1), i), shape[1:])  # noqa: E731
+                    return jax.lax.with_sharding_constraint(jax.vmap(draw)(keys), bsh)
+
+                noise_kw = {"noise_sampler": noise_sampler}
+            x = sample_fn(denoise, x, sigmas, **noise_kw, **options)
+            x = x / jnp.sqrt(1 + sigmas[-1] ** 2)  # back to VP scale when the schedule ends above σ = 0
+            if st.mode == "inpaint" and extra is None:
+                x = m * x + (1 - m) * init
+            if st.output == "latent":
+                return x
+            return self._decode(params, x, scale)
+
+        compiled = jax.jit(program)
+        self._programs[st] = compiled
+        return compiled
+
+    @property
+    def _concat_inpainting(self) -> bool:
+        """SD-inpainting UNets see 2·C+1 input channels: x, the mask and the masked image's latents."""
+        return int(self.unet.in_channels) == 2 * self.latent_channels + 1
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompts: str | Sequence[str] | int,
+        *,
+        negative_prompts: str | Sequence[str] | None = None,
+        sampler: str = "dpmpp_2m",
+        schedule: str = "karras",
+        steps: int = 25,
+        guidance_scale: float = 7.5,
+        seed: int | jax.Array = 0,
+        latents: np.ndarray | jax.Array | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int | None = None,
+        sampler_options: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        output: str = "uint8",
+        progress: bool = False,
+        _image: np.ndarray | None = None,
+        _mask: np.ndarray | None = None,
+        _strength: float = 1.0,
+    ) -> np.ndarray:
+        """Samples images: (N, H, W, 3) uint8 (`output="float"`: float32 in [0, 1]; "latent": latents).
+
+        `prompts` is a list of strings (text models) or a number of images (unconditional models).
+        `seed` is an int or a PRNG key; image j draws its noise from fold_in(key, j), so it does not
+        depend on `batch_size` (except with the SDE samplers' Brownian tree). `latents` (N, h, w, C)
+        replaces the initial unit Gaussian noise (for parity with other implementations).
+        """
+        if output not in ("uint8", "float", "latent"):
+            raise ValueError(f"output must be 'uint8', 'float' or 'latent', got {output!r}")
+        if sampler not in sampling.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(sampling.SAMPLERS)}")
+        params = self._place(params) if params is not None else self.params
+        if params is None:
+            raise ValueError("this pipeline has no params: pass params= to generate or load weights")
+        if isinstance(prompts, int):
+            if self.text_encoder is not None:
+                raise ValueError("this model is text-conditional: pass a list of prompts, not a count")
+            n, prompt_list = prompts, None
+        else:
+            prompt_list = _to_list(prompts, None, "prompts")
+            if self.text_encoder is None:
+                raise ValueError("this model has no text encoder: pass the number of images instead of prompts")
+            n = len(prompt_list)
+        if n < 1:
+            raise ValueError("nothing to generate: no prompts / zero images")
+        negs = _to_list(negative_prompts if negative_prompts is not None else "", n, "negative_prompts")
+        height = height or self.default_size
+        width = width or self.default_size
+        f = self.downsample
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f} (the autoencoder's factor), got {height}x{width}")
+        hw = (height // f, width // f)
+
+        sigmas = self.sigmas(schedule, steps, sampler)
+        mode = "txt2img" if _image is None else ("inpaint" if _mask is not None else "img2img")
+        from_image = mode != "txt2img" and _strength < 1.0
+        if mode != "txt2img":
+            if not 0.0 < _strength <= 1.0:
+                raise ValueError(f"strength must be in (0, 1], got {_strength}")
+            # diffusers' convention: run the last int(steps * strength) steps of the schedule.
+            run = min(int(steps * _strength), steps)
+            if run < 1:
+                raise ValueError(f"strength {_strength} with {steps} steps runs no step; raise one of them")
+            sigmas = sigmas[steps - run :]
+
+        n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        bs = batch_size or n
+        bs = -(-bs // n_dev) * n_dev  # every device gets the same share
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            want = (n, *hw, self.latent_channels)
+            if latents.shape != want:
+                raise ValueError(f"latents have shape {latents.shape}, expected {want}")
+        images = self._prepare_images(_image, _mask, n, height, width)
+
+        st = _Static(sampler, tuple(sorted((sampler_options or {}).items())), len(sigmas), bs, hw, mode,
+                     from_image, latents is not None, output)
+        program = self._program(st)
+        key = jax.random.key(seed) if isinstance(seed, int) else seed
+        bsh = lambda nd: sharding.batch_sharding(self.mesh, nd)  # noqa: E731
+        out = []
+        chunks = range(0, n, bs)
+        if progress:
+            from tqdm import tqdm
+
+            chunks = tqdm(chunks, desc=f"{sampler} {len(sigmas) - 1} steps", unit="batch")
+        for i, start in enumerate(chunks):
+            idx = np.arange(start, start + bs) % n  # the last batch is padded by wrapping around
+            cond = self._ids([prompt_list[j] for j in idx]) if prompt_list is not None else None
+            unc = self._ids([negs[j] for j in idx]) if prompt_list is not None else None
+            args = [
+                params,
+                None if cond is None else _global(cond, bsh(2)),
+                None if unc is None else _global(unc, bsh(2)),
+                jnp.float32(guidance_scale),
+                _global_keys(key, idx, self.mesh),
+                None if latents is None else _global(latents[idx], bsh(4)),
+                jnp.asarray(sigmas),
+                None if images[0] is None else _global(images[0][idx], bsh(4)),
+                None if images[1] is None else _global(images[1][idx], bsh(3)),
+                jnp.float32(self.scheduler.scale_factor),
+            ]
+            res = _fetch(program(*args))
+            out.append(res[: min(bs, n - start)])
+        res = np.concatenate(out, axis=0)
+        if output == "uint8":
+            res = np.round(res * 255).astype(np.uint8)
+        return res
+
+    def img2img(self, prompts: str | Sequence[str], image: np.ndarray, *, strength: float = 0.8, **kwargs) -> np.ndarray:
+        """SDEdit (Meng et al. 2021, arXiv 2108.01073): noise the image's latents to the σ of step
+        steps·(1-strength) and denoise from there. `image` (H,W,3) or (N,H,W,3) uint8 / float in [0,1]."""
+        image = np.asarray(image)
+        kwargs.setdefault("height", image.shape[-3])
+        kwargs.setdefault("width", image.shape[-2])
+        return self.generate(prompts, _image=image, _strength=strength, **kwargs)
+
+    def inpaint(self, prompts: str | Sequence[str], image: np.ndarray, mask: np.ndarray, *, strength: float = 1.0,
+                **kwargs) -> np.ndarray:
+        """Repaints where `mask` (H,W) or (N,H,W) is 1 / white (diffusers' convention), keeping the rest.
+
+        SD-inpainting UNets (in_channels = 2·latent + 1) get [x, mask, masked-image latents]; other UNets
+        keep the known region by replacing the denoiser's x0 there at every step.
+        """
+        image = np.asarray(image)
+        kwargs.setdefault("height", image.shape[-3])
+        kwargs.setdefault("width", image.shape[-2])
+        return self.generate(prompts, _image=image, _mask=np.asarray(mask), _strength=strength, **kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    def _ids(self, texts: Sequence[str]) -> np.ndarray:
+        return _as_host_ids(self.tokenizer, texts)
+
+    def _prepare_images(self, image, mask, n, height, width):
+        if image is None:
+            return None, None
+        img = np.asarray(image)
+        if img.ndim == 3:
+            img = np.broadcast_to(img[None], (n, *img.shape))
+        if img.ndim != 4 or img.shape[-1] != 3 or img.shape[0] != n:
+            raise ValueError(f"image must be (H,W,3) or ({n},H,W,3), got {img.shape}")
+        if img.shape[1:3] != (height, width):
+            raise ValueError(f"image is {img.shape[1]}x{img.shape[2]} but height x width is {height}x{width}")
+        img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
+        img = img * 2.0 - 1.0
+        if mask is None:
+            return img, None
+        m = np.asarray(mask)
+        if m.ndim == 4 and m.shape[-1] == 1:
+            m = m[..., 0]
+        if m.ndim == 2:
+            m = np.broadcast_to(m[None], (n, *m.shape))
+        if m.shape != (n, height, width):
+            raise ValueError(f"mask must be (H,W) or ({n},H,W) matching the image, got {np.asarray(mask).shape}")
+        m = m.astype(np.float32) / 255.0 if m.dtype == np.uint8 else m.astype(np.float32)
+        return img, (m >= 0.5).astype(np.float32)
+
+
+def _global(x: np.ndarray, sh: jax.sharding.NamedSharding) -> jax.Array:
+    """A global array from a host array every process holds in full (works single- and multi-process)."""
+    x = np.ascontiguousarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+
+def _global_keys(key: jax.Array, idx: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Per-image keys fold_in(key, j), sharded like the batch."""
+    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.asarray(idx, jnp.uint32))
+    return jax.device_put(keys, sharding.batch_sharding(mesh, 1))
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+# ---------------------------------------------------------------------- loading
+def from_pretrained_struct(p: Any, *, tokenizer: Any = None, mesh: Mesh | None = None) -> Pipeline:
+    """A Pipeline from `ldm_jax.interop.pretrained.Pretrained` (kwargs + params + schedule + tokenizer dir)."""
+    from ldm_jax.data import tokenizers
+
+    tok = None
+    if p.text_kwargs is not None:
+        if tokenizer is not None:
+            tok = tokenizers.load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        elif p.tokenizer_dir is not None:
+            tok = tokenizers.load_tokenizer(p.tokenizer_dir, max_length=int(p.text_kwargs.get("max_length", 77)))
+        else:
+            raise ValueError(
+                "this checkpoint has a text encoder but no tokenizer files: pass tokenizer=PATH (a folder with "
+                "CLIP's vocab.json and merges.txt, e.g. the tokenizer/ folder of a diffusers SD model)"
+            )
+    pipe = Pipeline.from_configs(p.unet_kwargs, p.vae_kwargs, p.text_kwargs, tok, p.scheduler, p.params, mesh=mesh)
+    f = pipe.downsample
+    pipe.default_size = int(p.sample_size * f) if p.sample_size else pipe.default_size
+    return pipe
+
+
+def load_pretrained(path: str | os.PathLike, *, tokenizer: Any = None, prediction_type: str | None = None,
+                    use_ema: bool = False, mesh: Mesh | None = None) -> Pipeline:
+    """A diffusers folder, a single-file SD checkpoint (.safetensors/.ckpt) or one of our workdirs -> Pipeline.
+
+    `tokenizer`: a tokenizer folder / object for single files (they carry no tokenizer).
+    `prediction_type` and `use_ema` are passed to `load_single_file` / `load_diffusers`.
+    """
+    from ldm_jax.interop import pretrained
+
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return from_pretrained_struct(pretrained.load_diffusers(path, prediction_type=prediction_type),
+                                      tokenizer=tokenizer, mesh=mesh)
+    if path.is_file():
+        p = pretrained.load_single_file(path, prediction_type=prediction_type, use_ema=use_ema)
+        return from_pretrained_struct(p, tokenizer=tokenizer, mesh=mesh)
+    if path.is_dir() and _is_workdir(path):
+        return load_workdir(path, mesh=mesh)
+    raise FileNotFoundError(
+        f"{path} is neither a diffusers folder (model_index.json), a checkpoint file (.safetensors/.ckpt) "
+        "nor a training workdir of ours"
+    )
+
+
+def _is_workdir(path: pathlib.Path) -> bool:
+    return (path / "checkpoints").is_dir()
+
+
+def load_workdir(workdir: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
+                 mesh: Mesh | None = None) -> Pipeline:
+    """A Pipeline from one of our LDM training workdirs: its config, tokenizer and checkpoint (EMA weights)."""
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from ldm_jax.checkpoint import Checkpointer
+    from ldm_jax.training import ldm, ldm_io
+
+    workdir = pathlib.Path(workdir).expanduser()
+    if not _is_workdir(workdir):
+        raise FileNotFoundError(f"{workdir} is not a training workdir (no checkpoints/ in it)")
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir} has no complete checkpoint yet")
+        meta = ckpt.read_meta(step)
+        if meta.get("objective") != "ldm":
+            raise ValueError(f"{workdir} holds a {meta.get('objective')!r} run, not a latent diffusion model "
+                             "(an autoencoder workdir cannot sample; use the LDM workdir that reuses it)")
+        config = ml_collections.ConfigDict(meta["config"])
+        tokenizer = ldm_io.load_tokenizer(config, workdir) if config.cond.type == "text" else None
+        objective = ldm.build(config, tokenizer=tokenizer)
+        if config.cond.type == "class":
+            raise ValueError(f"{workdir} is class-conditional; the text-to-image pipeline samples text or "
+                             "unconditional models")
+        abstract = nn.meta.unbox(jax.eval_shape(objective.init, jax.random.key(0)))
+        cpu = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+        as_target = lambda t: jax.tree_util.tree_map(  # noqa: E731
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(cpu)), t)
+        field = "ema" if use_ema else "params"
+        item = {field: {"model": as_target(abstract["params"]["model"])}, "frozen": as_target(abstract["frozen"])}
+        restored = ocp.PyTreeCheckpointer().restore(
+            ckpt.directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                        partial_restore=True))
+    finally:
+        ckpt.close()
+    model, frozen = restored[field]["model"], restored["frozen"]
+    params = {"unet": model["unet"], "vae": frozen["first_stage"]}
+    if objective.text is not None:
+        params["text"] = model["text"] if objective.text_trainable else frozen["text"]
+    params = jax.tree_util.tree_map(np.asarray, params)
+    scheduler = {**objective.scheduler_dict(), "scale_factor": float(meta.get("scale_factor", 1.0))}
+    pipe = Pipeline.from_configs(objective.unet_kwargs, objective.vae_kwargs, objective.text_kwargs, tokenizer,
+                                 scheduler, params, mesh=mesh, default_size=int(config.image_size))
+    pipe.step = int(step)
+    pipe.config = config
+    return pipe

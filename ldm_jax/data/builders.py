@@ -78,15 +78,6 @@ def shapes_config(spec: shapes_lib.ShapesSpec, seed: int, num_train: int, num_te
                         num_train=num_train, num_test=num_test, num_heldout=num_heldout)
 
 
-def _encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    # Flat-color images compress well even at the fastest level; level 1 keeps building quick.
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 class Shapes(_LocalBuilder):
     """Colored geometric shapes with captions, generated from a seed (no download)."""
 
@@ -114,8 +105,10 @@ class Shapes(_LocalBuilder):
 
     def _generate_examples(self, split: str, num: int):
         cfg: ShapesConfig = self.builder_config
-        for i, ex in enumerate(shapes_lib.generate(cfg.spec, cfg.seed, split, 0, num)):
-            yield i, {"image": _encode_png(ex["image"]), "caption": ex["caption"], "label": ex["label"]}
+        # In this process on purpose: a spawned helper would re-run unguarded user scripts.
+        for start in range(0, num, 500):
+            for i, ex in enumerate(shapes_lib.encoded_examples(cfg.spec, cfg.seed, split, start, min(start + 500, num))):
+                yield start + i, ex
 
 
 def prepare_shapes(data_dir: str | os.PathLike, spec: shapes_lib.ShapesSpec, *, seed: int = 0,

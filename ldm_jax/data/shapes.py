@@ -189,6 +189,21 @@ def generate(spec: ShapesSpec, seed: int, split: str, start: int, stop: int) -> 
         }
 
 
+def encoded_examples(spec: ShapesSpec, seed: int, split: str, start: int, stop: int) -> list[dict]:
+    """`generate` with the image PNG-encoded (what the tfds builder stores); a unit of parallel work."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for ex in generate(spec, seed, split, start, stop):
+        buf = io.BytesIO()
+        # Flat-color images compress well even at the fastest level; level 1 keeps building quick.
+        Image.fromarray(ex["image"]).save(buf, format="PNG", compress_level=1)
+        out.append({"image": buf.getvalue(), "caption": ex["caption"], "label": ex["label"]})
+    return out
+
+
 def heldout_prompts(spec: ShapesSpec | None = None, per_pair: int = 4, seed: int = 0) -> list[str]:
     """Captions of held-out (color, shape) pairs, `per_pair` each with varied size/position/background."""
     spec = spec or ShapesSpec()

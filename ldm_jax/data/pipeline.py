@@ -72,11 +72,9 @@ def data_source(data_config: ml_collections.ConfigDict, split: str = "train", *,
 
     builder = load_builder(data_config)
     features = builder.info.features
-    keys = [k for k in (data_config.image_key, data_config.caption_key, data_config.label_key) if k]
-    missing = [k for k in keys if k not in features]
-    if missing:
-        raise builders.DataError(f"dataset {builder.name} has no feature(s) {missing}; it has {list(features)} "
-                                 "(set data.image_key / caption_key / label_key, '' for none)")
+    if data_config.image_key not in features:
+        raise builders.DataError(f"dataset {builder.name} has no feature {data_config.image_key!r}; it has "
+                                 f"{list(features)} (set data.image_key)")
     tfds_split = data_config.train_split if split == "train" else split
     decoders = None if decode_images else {data_config.image_key: tfds.decode.SkipDecoding()}
     try:
@@ -160,12 +158,19 @@ def preprocess_image(image: np.ndarray, resolution: int, rng: np.random.Generato
 class _Preprocess(grain.transforms.RandomMap):
     """Decode, crop, flip, tokenize one example; None (dropped by grain) for a too-small image in skip mode."""
 
-    def __init__(self, c: ml_collections.ConfigDict, tokenizer: Callable | None, train: bool):
+    def __init__(self, c: ml_collections.ConfigDict, tokenizer: Callable | None, train: bool,
+                 features: Any = None):
         # plain attributes: ConfigDict lookups cost more than decoding a 32-px PNG
         self.image_key, self.caption_key, self.label_key = c.image_key, c.caption_key, c.label_key
+        for field in ("caption_key", "label_key"):
+            key = getattr(self, field)
+            if key and features is not None and key not in features:
+                log.warning("the dataset has no %r feature (data.%s); its batches will have no %s. Features: %s",
+                            key, field, "input_ids" if field == "caption_key" else "label", list(features))
+                setattr(self, field, "")
         self.resolution, self.skip_small = c.resolution, c.small_images == "skip"
         self.random_crop, self.flip = train and c.crop == "random", train and c.flip
-        self.tokenizer = tokenizer if c.caption_key else None
+        self.tokenizer = tokenizer if self.caption_key else None
         self.skipped = 0
         self._lock = threading.Lock()
 
@@ -308,7 +313,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, mesh: Mesh, global_b
         raise builders.DataError(f"split {split!r} has {len(source)} examples, fewer than one global batch "
                                  f"({global_batch_size})")
     epochs = (c.num_epochs if train else 0) if num_epochs is None else num_epochs
-    preprocess = _Preprocess(c, tokenizer, train)
+    preprocess = _Preprocess(c, tokenizer, train, source.dataset_info.features)
     ds = local_dataset(source, seed=seed, shuffle=train and c.shuffle, num_epochs=epochs,
                        process_index=jax.process_index(), process_count=nproc)
     ds = ds.random_map(preprocess, seed=seed)

@@ -64,9 +64,19 @@ def _kl_outputs(model, params, x, z):
     return jax.jit(f)(params, x, z)
 
 
+def _count(kwargs):
+    return sum(int(np.prod(s)) for s in conv.param_shapes(kwargs).values())
+
+
 def test_kl_f8_parameter_count():
-    shapes = conv.param_shapes(VAE_PRESETS["kl-f8"])
-    assert sum(int(np.prod(s)) for s in shapes.values()) == 83_653_863  # REFERENCE.md, SD v1 VAE
+    assert _count(VAE_PRESETS["kl-f8"]) == 83_653_863  # REFERENCE.md, SD v1 VAE
+
+
+def test_preset_parameter_counts_match_diffusers(goldens_dir):
+    counts = json.loads((goldens_dir / "vae_param_counts.json").read_text())
+    assert set(counts) == set(VAE_PRESETS)
+    for name, kwargs in VAE_PRESETS.items():
+        assert _count(kwargs) == counts[name], name
 
 
 def test_kl_matches_diffusers(kl):

@@ -3,6 +3,7 @@
 Needs torch + diffusers (requirements-dev.txt); CI only reads the files this writes:
   vae_{kl,vq}_weights.safetensors  diffusers-layout weights, the diffusers config as JSON in the metadata
   vae_{kl,vq}_io.npz               inputs and reference outputs, NHWC
+  vae_param_counts.json            parameter counts of every VAE_PRESETS entry built by diffusers
 
 Also checks, without writing anything, that our CompVis export (`ldm_jax.interop.vae.to_compvis`) is what
 diffusers' own single-file converter (`convert_ldm_vae_checkpoint`) maps back to the original diffusers
@@ -71,7 +72,10 @@ def nchw(a: np.ndarray) -> torch.Tensor:
 
 def save_weights(model: torch.nn.Module, config: dict, name: str) -> None:
     tensors = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    save_file(tensors, str(HERE / f"vae_{name}_weights.safetensors"), metadata={"config": json.dumps(dict(model.config))})
+    # diffusers' `_use_default_values` is a set in disguise: dropped so that re-running gives identical files.
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")} | {"_class_name": type(model).__name__}
+    metadata = {"config": json.dumps(config, sort_keys=True)}
+    save_file(tensors, str(HERE / f"vae_{name}_weights.safetensors"), metadata=metadata)
 
 
 def make_kl() -> None:
@@ -140,9 +144,25 @@ def check_compvis_export() -> None:
     print(f"compvis export: diffusers' convert_ldm_vae_checkpoint recovers all {len(ref)} tensors exactly")
 
 
+def count_presets() -> None:
+    """Parameter counts of every preset as the diffusers PyTorch classes build them (vae_param_counts.json)."""
+    from ldm_jax.interop import vae as conv
+    from ldm_jax.models.autoencoder import VAE_PRESETS
+
+    counts = {}
+    for name, kwargs in VAE_PRESETS.items():
+        cfg = conv.config_to_diffusers(kwargs)
+        cls = VQModel if cfg.pop("_class_name") == "VQModel" else AutoencoderKL
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in cls(**cfg).parameters())
+    (HERE / "vae_param_counts.json").write_text(json.dumps(counts, indent=1) + "\n")
+    print("diffusers parameter counts:", counts)
+
+
 if __name__ == "__main__":
     make_kl()
     make_vq()
     check_compvis_export()
+    count_presets()
     for p in sorted(HERE.glob("vae_*")):
         print(f"{p.name}: {p.stat().st_size / 1024:.1f} KiB")

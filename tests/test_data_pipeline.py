@@ -177,3 +177,22 @@ def test_dropped_iterators_stop_their_threads(cfg, mesh):
     while alive() > before and time.time() < deadline:
         time.sleep(0.05)
     assert alive() == before
+
+
+def test_nested_and_multiple_captions(cfg):
+    from ldm_jax.data.pipeline import _Preprocess
+
+    png = S.encoded_examples(shapes_spec(cfg), 0, "train", 0, 1)[0]["image"]
+    ex = {"image": png, "captions": {"text": np.asarray([b"one", b"two", b"three"], dtype=object)}}
+    c = default_data_config()
+    c.update(caption_key="captions/text", label_key="")
+
+    def tok(texts):  # the caption's length, so the test can see which one was picked
+        return np.full((len(texts), 77), len(texts[0]), np.int32)
+
+    train = _Preprocess(c, tok, True, {"image": None, "captions": None})
+    picked = {int(train.random_map(ex, np.random.default_rng(i))["input_ids"][0]) for i in range(30)}
+    assert picked == {3, 5}  # one/two (3 letters) and three (5): every caption gets used
+    c.crop, c.flip = "center", False
+    evaluation = _Preprocess(c, tok, False, {"image": None, "captions": None})
+    assert {int(evaluation.random_map(ex, np.random.default_rng(i))["input_ids"][0]) for i in range(5)} == {3}

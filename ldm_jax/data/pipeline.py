@@ -2,8 +2,9 @@
 
     tfds.data_source (array_record, random access)
       -> grain MapDataset: shuffle (new order each epoch) -> repeat -> this process's slice
-      -> decode + LDM preprocessing (resize smaller side, crop, flip, [-1, 1]) + tokenize, in threads
-      -> batch (per-process share) -> jax.make_array_from_process_local_data, a few batches ahead.
+      -> decode + LDM preprocessing (resize smaller side, crop, flip) + tokenize, in threads
+      -> batch (per-process share, uint8) -> jax.make_array_from_process_local_data -> [-1, 1] on
+         device, a few batches ahead in a background thread.
 
 Every random choice is a function of (seed, element index), so the stream is fixed by the seed, and
 the iterator state (grain's next index) restores it exactly.
@@ -89,11 +90,24 @@ def dataset_captions(data_config: ml_collections.ConfigDict, split: str = "train
     if not data_config.caption_key:
         raise builders.DataError("the data config has no caption_key: there are no captions to read")
     source = data_source(data_config, split)
-    return [_text(source[i][data_config.caption_key]) for i in range(len(source))]
+    return [_caption(source[i], data_config.caption_key, None) for i in range(len(source))]
 
 
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _caption(ex: dict, key: str, rng: np.random.Generator | None) -> str:
+    """The caption at `key` ("captions/text" walks nested features); one at random when there are
+    several (COCO has five per image), the first when there is no rng (evaluation)."""
+    value: Any = ex
+    for part in key.split("/"):
+        value = value[part]
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) == 0:
+            return ""
+        value = value[int(rng.integers(len(value)))] if rng is not None else value[0]
+    return _text(value)
 
 
 def decode_image(data: bytes | np.ndarray, min_side: int = 0) -> np.ndarray:
@@ -164,12 +178,12 @@ class _Preprocess(grain.transforms.RandomMap):
         self.image_key, self.caption_key, self.label_key = c.image_key, c.caption_key, c.label_key
         for field in ("caption_key", "label_key"):
             key = getattr(self, field)
-            if key and features is not None and key not in features:
+            if key and features is not None and key.split("/")[0] not in features:
                 log.warning("the dataset has no %r feature (data.%s); its batches will have no %s. Features: %s",
                             key, field, "input_ids" if field == "caption_key" else "label", list(features))
                 setattr(self, field, "")
         self.resolution, self.skip_small = c.resolution, c.small_images == "skip"
-        self.random_crop, self.flip = train and c.crop == "random", train and c.flip
+        self.train, self.random_crop, self.flip = train, train and c.crop == "random", train and c.flip
         self.tokenizer = tokenizer if self.caption_key else None
         self.skipped = 0
         self._lock = threading.Lock()
@@ -187,7 +201,8 @@ class _Preprocess(grain.transforms.RandomMap):
         # uint8 until it reaches the device: 4x less to stack and copy; `DataIterator` scales it there
         out = {"image": crop_and_flip(image, self.resolution, rng, random_crop=self.random_crop, flip=self.flip)}
         if self.tokenizer is not None:
-            out["input_ids"] = np.asarray(self.tokenizer([_text(ex[self.caption_key])])[0], np.int32)
+            text = _caption(ex, self.caption_key, rng if self.train else None)
+            out["input_ids"] = np.asarray(self.tokenizer([text])[0], np.int32)
         if self.label_key:
             out["label"] = np.int32(ex[self.label_key])
         return out

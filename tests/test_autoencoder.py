@@ -192,7 +192,26 @@ def test_compvis_round_trip_is_exact(name, kl, vq):
     tensors["first_stage_model.loss.logvar"] = np.zeros((), np.float32)
     again = conv.from_compvis(StrictStateDict(tensors), inferred, "first_stage_model.")
     assert jax.tree.all(jax.tree.map(np.array_equal, params, again))
+    linear_attn = {k: v[:, :, 0, 0] if ".attn" in k and v.ndim == 4 else v for k, v in tensors.items()}
+    again = conv.from_compvis(StrictStateDict(linear_attn), inferred, "first_stage_model.")
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, again))
     assert conv.to_compvis(again, inferred, prefix="").keys() == {k[len("first_stage_model."):] for k in tensors} - {"loss.logvar"}
+
+
+def test_published_diffusers_configs_give_the_presets():
+    sd_vae = {  # stable-diffusion-v1-5 vae/config.json
+        "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+        "norm_num_groups": 32, "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    }  # fmt: skip
+    assert conv.config_from_diffusers(sd_vae) == conv.full_kwargs(VAE_PRESETS["kl-f8"])
+    ldm_vq = {  # CompVis/ldm-celebahq-256 vqvae/config.json
+        "_class_name": "VQModel", "act_fn": "silu", "block_out_channels": [128, 256, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 3, "in_channels": 3, "latent_channels": 3, "layers_per_block": 2,
+        "norm_num_groups": 32, "num_vq_embeddings": 8192, "out_channels": 3, "sample_size": 256,
+        "up_block_types": ["UpDecoderBlock2D"] * 3, "vq_embed_dim": 3,
+    }  # fmt: skip
+    assert conv.config_from_diffusers(ldm_vq) == conv.full_kwargs(VAE_PRESETS["vq-f4"])
 
 
 def test_loads_fail_naming_the_bad_keys(kl):

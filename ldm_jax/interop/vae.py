@@ -252,7 +252,10 @@ def _load(sd: StrictStateDict | Mapping[str, Any], kwargs, prefix: str, compvis:
                 alt = name.replace(f".{new}.", f".{old}.")
                 if alt != name and prefix + alt in sd:
                     name = alt
-        value = sd.take(prefix + name, _torch_shape(key, shape, compvis))
+        expected = _torch_shape(key, shape, compvis)
+        if compvis and _is_attn_kernel(key, shape) and np.ndim(sd.tensors.get(prefix + name)) == 2:
+            expected = expected[:2]  # some re-exported single files store these 1x1 convs as Linear weights
+        value = sd.take(prefix + name, expected)
         if value is None:
             continue
         if key.endswith("/kernel"):

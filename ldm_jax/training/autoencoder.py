@@ -126,7 +126,8 @@ class AutoencoderObjective:
         self._eval_fn = None
 
     def _groups(self) -> tuple[str, ...]:
-        return ("ae", "disc") + (("logvar",) if self.loss_cfg.learn_logvar else ())
+        # No discriminator at all when disc_factor is 0 (no parameters, optimizer state or compile time for it).
+        return ("ae",) + (("disc",) if self.gan else ()) + (("logvar",) if self.loss_cfg.learn_logvar else ())
 
     # --- interface ----------------------------------------------------------------------------------
     def init(self, key: jax.Array) -> dict[str, Any]:
@@ -137,10 +138,11 @@ class AutoencoderObjective:
             ae = self.model.init({"params": k_ae}, x, key=k_post)
         else:
             ae = self.model.init({"params": k_ae}, x)
-        d = self.disc.init(k_d, jnp.zeros((1, 32, 32, self.disc.in_channels)), train=False)
         logvar = jnp.full((), self.loss_cfg.logvar_init, jnp.float32)
-        params = {"ae": ae["params"], "disc": d["params"]}
-        extra = {"disc_batch_stats": d["batch_stats"]}
+        params, extra = {"ae": ae["params"]}, {}
+        if self.gan:
+            d = self.disc.init(k_d, jnp.zeros((1, 32, 32, self.disc.in_channels)), train=False)
+            params["disc"], extra["disc_batch_stats"] = d["params"], d["batch_stats"]
         if self.loss_cfg.learn_logvar:
             params["logvar"] = logvar
         else:
@@ -212,7 +214,7 @@ class AutoencoderObjective:
         disc_factor = jnp.where(gan_on, lc.disc_factor, 0.0)
         learn_lv = lc.learn_logvar
         logvar = state.params["logvar"] if learn_lv else state.extra["logvar"]
-        dp, stats = state.params["disc"], state.extra["disc_batch_stats"]
+        dp, stats = (state.params["disc"], state.extra["disc_batch_stats"]) if self.gan else (None, None)
         reg_weight = lc.kl_weight if self.kind == "kl" else lc.codebook_weight
 
         (recon, reg), vjp = jax.vjp(lambda p: self._reconstruct(p, x, k_ae), state.params["ae"])
@@ -266,12 +268,12 @@ class AutoencoderObjective:
             z = jnp.zeros(())
             return jax.tree_util.tree_map(jnp.zeros_like, dp), stats, z, z, z
 
+        z = jnp.zeros(())
+        d_loss = l_real = l_fake = gn_d = z
         if self.gan:
             d_grads, new_stats, d_loss, l_real, l_fake = jax.lax.cond(gan_on, disc_active, disc_idle, None)
-        else:
-            d_grads, new_stats, d_loss, l_real, l_fake = disc_idle(None)
-        state, gn_d = apply_gradients(state, "disc", d_grads, self._opt["disc"][0])
-        state = state.replace(extra={**state.extra, "disc_batch_stats": new_stats})
+            state, gn_d = apply_gradients(state, "disc", d_grads, self._opt["disc"][0])
+            state = state.replace(extra={**state.extra, "disc_batch_stats": new_stats})
         metrics_out = {
             "loss": loss, "nll": nll, "rec_loss": rec, "p_loss": p_mean, ("kl" if self.kind == "kl" else "codebook"): reg,
             "g_loss": g_loss, "d_weight": d_weight, "disc_factor": disc_factor, "d_loss": d_loss,

@@ -258,12 +258,12 @@ class LDMObjective:
         return hooks.ldm_hooks(self)
 
 
-def build(config: ml_collections.ConfigDict, tokenizer: Any = None) -> LDMObjective:
+def build(config: ml_collections.ConfigDict, tokenizer: Any = None, workdir: Any = None) -> LDMObjective:
     """The LDM objective of `config` (the tokenizer comes from `cond.tokenizer` when not given)."""
     if tokenizer is None and config.cond.type == "text" and config.cond.get("tokenizer"):
         from ldm_jax.training import ldm_io
 
-        tokenizer = ldm_io.load_tokenizer(config)
+        tokenizer = ldm_io.load_tokenizer(config, workdir)
     return LDMObjective(config, tokenizer)
 
 
@@ -287,5 +287,7 @@ def default_ldm_config() -> ml_collections.ConfigDict:
     c.optim = optim.default_optim_config()
     c.sample = dict(every=0, prompts=[], num=8, seed=0, sampler="euler", schedule="karras", steps=20,
                     guidance_scale=3.0)
-    c.data = ml_collections.ConfigDict()
+    from ldm_jax.data.config import default_data_config
+
+    c.data = default_data_config()
     return c

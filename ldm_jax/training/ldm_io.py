@@ -157,8 +157,17 @@ def load_pretrained(objective: Any, state: Any, mesh) -> Any:
     return state.replace(ema={g: jax.tree_util.tree_map(lambda x: x, state.params[g]) for g in state.ema})
 
 
-def load_tokenizer(config: ml_collections.ConfigDict) -> Any:
-    """The tokenizer named by `cond.tokenizer` (a CLIP tokenizer folder or a tokenizer.json)."""
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: Any = None) -> Any:
+    """The tokenizer named by `cond.tokenizer`: a CLIP tokenizer folder, a tokenizer.json, or "train" (a BPE
+    trained on the dataset's captions with `cond.text.vocab_size` entries, saved as WORKDIR/tokenizer.json)."""
     from ldm_jax.data import tokenizers
 
-    return tokenizers.load_tokenizer(str(config.cond.tokenizer), max_length=int(config.cond.text.get("max_length", 77)))
+    length = int(config.cond.text.get("max_length", 77))
+    if str(config.cond.tokenizer) == "train":
+        if workdir is None:
+            raise ConfigError("cond.tokenizer='train' needs a workdir to keep the trained tokenizer in")
+        from ldm_jax.data.pipeline import dataset_captions
+
+        return tokenizers.load_or_train_tokenizer(workdir, lambda: dataset_captions(config.data),
+                                                  vocab_size=int(config.cond.text.vocab_size), max_length=length)
+    return tokenizers.load_tokenizer(str(config.cond.tokenizer), max_length=length)

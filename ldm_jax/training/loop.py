@@ -47,12 +47,12 @@ def default_loop_config() -> ml_collections.ConfigDict:
     )
 
 
-def make_objective(config: ml_collections.ConfigDict) -> Any:
+def make_objective(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None) -> Any:
     """The objective named by `config.objective` ("ldm" | "autoencoder")."""
     if config.objective == "ldm":
         from ldm_jax.training import ldm
 
-        return ldm.build(config)
+        return ldm.build(config, workdir=workdir)
     if config.objective == "autoencoder":
         from ldm_jax.training import autoencoder
 
@@ -205,7 +205,7 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh if mesh is not None else shd.mesh_from_config(config.mesh)
     check_config(config, mesh)
-    objective = objective if objective is not None else make_objective(config)
+    objective = objective if objective is not None else make_objective(config, workdir)
     if hasattr(objective, "validate"):
         objective.validate(mesh)
     if jax.process_index() == 0:

@@ -186,7 +186,7 @@ def test_compvis_round_trip_is_exact(name, kl, vq):
     inferred = conv.config_from_compvis(tensors, "first_stage_model.", norm_groups=kwargs["norm_groups"])
     for field in ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "in_channels", "out_ch", "mid_attn"):
         assert inferred[field] == kwargs[field], field
-    assert conv._attn_levels(inferred) == conv._attn_levels(kwargs)
+    assert conv.architecture_diff(inferred, kwargs) == {}
     assert ("n_embed" in inferred) == (name == "vq")
     # A training checkpoint's loss weights sit beside the model and are not part of it.
     tensors["first_stage_model.loss.logvar"] = np.zeros((), np.float32)
@@ -196,6 +196,17 @@ def test_compvis_round_trip_is_exact(name, kl, vq):
     again = conv.from_compvis(StrictStateDict(linear_attn), inferred, "first_stage_model.")
     assert jax.tree.all(jax.tree.map(np.array_equal, params, again))
     assert conv.to_compvis(again, inferred, prefix="").keys() == {k[len("first_stage_model."):] for k in tensors} - {"loss.logvar"}
+
+
+def test_architecture_diff_compares_attention_levels_not_resolutions():
+    tiny = VAE_PRESETS["tiny"]  # resolution 32
+    assert conv.architecture_diff({**tiny, "resolution": 256}, tiny) == {}
+    assert conv.architecture_diff({**tiny, "resolution": 256, "attn_resolutions": (128,)}, {**tiny, "attn_resolutions": (16,)}) == {}
+    assert conv.architecture_diff({**tiny, "attn_resolutions": (16,)}, tiny) == {
+        "attn_levels": ((False, True, False), (False, False, False))
+    }
+    assert set(conv.architecture_diff(VAE_PRESETS["vq-tiny"], tiny)) == {"n_embed", "beta", "legacy", "double_z",
+                                                                         "use_quant_conv", "use_post_quant_conv"}
 
 
 def test_published_diffusers_configs_give_the_presets():

@@ -52,6 +52,18 @@ def _attn_levels(kw: Mapping[str, Any]) -> list[bool]:
     return [kw["resolution"] // 2**i in kw["attn_resolutions"] for i in range(len(kw["ch_mult"]))]
 
 
+def architecture_diff(found: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{field: (found, expected)} for every architecture difference between two kwargs dicts.
+
+    `resolution` and `attn_resolutions` are compared through the levels they put attention at (files do not
+    record the CompVis `resolution`; the converters report 256), and `n_embed` presence tells KL from VQ.
+    """
+    a, b = full_kwargs(found), full_kwargs(expected)
+    a["attn_levels"], b["attn_levels"] = tuple(_attn_levels(a)), tuple(_attn_levels(b))
+    keys = (set(a) | set(b)) - {"resolution", "attn_resolutions"}
+    return {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
+
+
 def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Our kwargs from a diffusers `AutoencoderKL` / `VQModel` config.json dict."""
     is_vq = cfg.get("_class_name") == "VQModel" or "num_vq_embeddings" in cfg

@@ -102,7 +102,7 @@ def main() -> None:
           f"load average: {os.getloadavg()[0]:.1f} (other jobs share these cores: expect noise)")
 
     cfg = default_data_config()
-    cfg.data_dir, cfg.resolution, cfg.num_threads = str(data_dir), args.resolution, args.threads
+    cfg.data_dir, cfg.resolution, cfg.num_threads, cfg.flip = str(data_dir), args.resolution, args.threads, True
     cfg.shapes.num_train, cfg.shapes.num_test, cfg.shapes.num_heldout = args.n, 0, 0
     build = timed_prepare(cfg, args.n)
     spec = shapes_spec(cfg)
@@ -115,7 +115,7 @@ def main() -> None:
         make_jpeg_folder(folder, args.n)
     fcfg = default_data_config()
     fcfg.source, fcfg.path, fcfg.label_key = "folder", str(folder), ""
-    fcfg.data_dir, fcfg.resolution, fcfg.num_threads = str(data_dir), args.resolution, args.threads
+    fcfg.data_dir, fcfg.resolution, fcfg.num_threads, fcfg.flip = str(data_dir), args.resolution, args.threads, True
     build = timed_prepare(fcfg, args.n)
     ftok = train_bpe_tokenizer([(folder / f"{i:05d}.txt").read_text() for i in range(args.n)], 1000)
     rows.append((f"jpeg folder 320x288 -> {args.resolution}", build,

@@ -67,7 +67,9 @@ def test_batch_layout_and_exact_pixels(cfg, mesh, tok):
 
 def test_train_augmentation_and_epochs(cfg, mesh):
     # 96 examples = 6 batches per epoch: each epoch is a permutation, reshuffled the next epoch
-    it = make_dataset(cfg, mesh=mesh, global_batch_size=B, seed=1, num_epochs=2)
+    c = cfg.copy_and_resolve_references()
+    c.flip = True
+    it = make_dataset(c, mesh=mesh, global_batch_size=B, seed=1, num_epochs=2)
     batches = [_np(b) for b in it]
     assert len(batches) == 12
     spec = shapes_spec(cfg)

@@ -5,7 +5,7 @@ import ml_collections
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """Defaults: the built-in shapes dataset at 32 px, random crop + flip, captions and labels kept.
+    """Defaults: the built-in shapes dataset at 32 px, random crop, no flip, captions and labels kept.
 
     Lists are comma-separated strings so that they can be set from the command line
     (`--config.data.shapes.colors=red,green,blue`).
@@ -21,7 +21,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.label_key = "label"  # "" = no labels
     c.resolution = 32
     c.crop = "random"  # "random" | "center" (evaluation splits always use center)
-    c.flip = True  # random horizontal flip (training split only)
+    # Random horizontal flip (training split only). Off by default: it contradicts captions that say
+    # "left"/"right" (as shapes' do); turn it on for unconditional or class-conditional data.
+    c.flip = False
     c.small_images = "upscale"  # images whose smaller side is below `resolution`: "upscale" | "skip"
     c.shuffle = True
     c.num_epochs = 0  # 0 = repeat forever

@@ -143,6 +143,8 @@ def test_bad_tensors_are_named(tiny, goldens_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing 1: encoder.layers.1.mlp.fc2.bias; wrong shape 1: "
                                               r"final_layer_norm.weight: checkpoint \(31,\) vs model \(32,\)"):
         clip.from_diffusers(StrictStateDict(t), tiny.text_kwargs)
+    with pytest.raises(CheckpointError, match="unexpected .'text_projection/kernel'"):  # exports are strict too
+        clip.to_diffusers({**tiny.params["text"], "text_projection": {"kernel": np.zeros((32, 8))}}, tiny.text_kwargs)
 
 
 def test_bad_single_file_and_missing_files(tiny, goldens_dir, tmp_path):

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ldm_jax.interop.common import StrictStateDict, flatten, linear_to_flax, linear_to_torch, unflatten
+from ldm_jax.interop.common import CheckpointError, StrictStateDict, flatten, linear_to_flax, linear_to_torch, unflatten
 
 _DEFAULTS = dict(max_length=77, act="quick_gelu", causal=True, layer_norm_eps=1e-5, output_layer=-1,
                  final_norm=True, eos_token_id=None, projection_dim=None)
@@ -170,8 +170,14 @@ def _load(sd: StrictStateDict, entries: list[Entry]) -> dict[str, np.ndarray]:
     return flat
 
 
-def _dump(params: Mapping[str, Any], entries: list[Entry]) -> dict[str, np.ndarray]:
+def _dump(params: Mapping[str, Any], kw: Mapping[str, Any], entries: list[Entry]) -> dict[str, np.ndarray]:
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
+    expected = {p if k not in ("qkv_w", "qkv_b") else f"{p}/{n}/{'kernel' if k == 'qkv_w' else 'bias'}"
+                for _, p, k, _ in _hf_entries(kw, "", kw["layers"], kw["projection_dim"] is not None)
+                for n in (_QKV if k in ("qkv_w", "qkv_b") else ("",))}
+    if set(flat) != expected:
+        raise CheckpointError(f"text encoder params do not match the kwargs: missing {sorted(expected - set(flat))[:8]}, "
+                              f"unexpected {sorted(set(flat) - expected)[:8]}")
     out: dict[str, np.ndarray] = {}
     for key, path, kind, shape in entries:
         if kind == "linear":
@@ -210,7 +216,7 @@ def to_diffusers(params: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[s
     """
     kw = _kw(kwargs)
     n_layers, proj = _diffusers_layers(kw)
-    return _dump(params, _hf_entries(kw, "", n_layers, proj))
+    return _dump(params, kw, _hf_entries(kw, "", n_layers, proj))
 
 
 # --------------------------------------------------------------------------------------------- CompVis single files
@@ -284,7 +290,7 @@ def to_compvis(params: Mapping[str, Any], kwargs: Mapping[str, Any], prefix: str
     kw = _kw(kwargs)
     layout = layout or default_compvis_layout(kw)
     if layout == "hf":
-        return _dump(params, _hf_entries(kw, prefix + "transformer.", kw["layers"], kw["projection_dim"] is not None))
+        return _dump(params, kw, _hf_entries(kw, prefix + "transformer.", kw["layers"], kw["projection_dim"] is not None))
     if layout == "open_clip":
-        return _dump(params, _openclip_entries(kw, prefix + "model."))
+        return _dump(params, kw, _openclip_entries(kw, prefix + "model."))
     raise ValueError(f"layout must be 'hf' or 'open_clip', got {layout!r}")

@@ -39,7 +39,7 @@ _SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
                     prediction_type="epsilon", scale_factor=0.18215)
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                  "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
-_DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose config keys these files use
+_DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs we write (diffusers does not check it)
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Makes tests/goldens/tiny_sd/: a random-weight Stable Diffusion v1-style diffusers folder (~0.5 MB).
+"""Makes tests/goldens/tiny_sd/: a random-weight Stable Diffusion v1-style diffusers folder (about 1 MB).
 
 Needs torch + diffusers + transformers (requirements-dev.txt). Run from the repo root:
     python3 tests/goldens/make_tiny_sd.py

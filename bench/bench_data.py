@@ -101,6 +101,12 @@ def main() -> None:
     print(f"devices: {len(jax.devices())} x {jax.devices()[0].platform}, cpu cores: {os.cpu_count()}, "
           f"load average: {os.getloadavg()[0]:.1f} (other jobs share these cores: expect noise)")
 
+    t0 = time.perf_counter()
+    from ldm_jax.data.builders import hide_accelerators_from_tf
+
+    hide_accelerators_from_tf()  # imports TensorFlow, which preparing needs: timed apart from preparing
+    print(f"TensorFlow import (once per process that prepares a dataset): {time.perf_counter() - t0:.1f} s")
+
     cfg = default_data_config()
     cfg.data_dir, cfg.resolution, cfg.num_threads, cfg.flip = str(data_dir), args.resolution, args.threads, True
     cfg.shapes.num_train, cfg.shapes.num_test, cfg.shapes.num_heldout = args.n, 0, 0

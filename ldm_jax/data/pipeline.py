@@ -163,6 +163,9 @@ def to_unit_range(image: Any) -> Any:
     return image.astype(np.float32) * (1 / 127.5) - 1.0
 
 
+_normalize = jax.jit(to_unit_range)  # on device; keeps the input's (data, fsdp) sharding; one compile cache
+
+
 def preprocess_image(image: np.ndarray, resolution: int, rng: np.random.Generator | None, *,
                      random_crop: bool, flip: bool) -> np.ndarray:
     """LDM preprocessing: resize the smaller side to `resolution`, crop a square, flip, scale to [-1, 1]."""
@@ -220,7 +223,7 @@ class DataIterator:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(self._prefetch)
         self._stop = threading.Event()
-        self._normalize = jax.jit(to_unit_range)  # keeps the input's (data, fsdp) sharding
+        self._normalize = _normalize
         self.preprocess: _Preprocess | None = None
         # The producer thread holds no reference to `self`, so an iterator that is simply dropped
         # (an evaluation that reads a few batches) is collected, and this stops its thread.

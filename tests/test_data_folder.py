@@ -84,9 +84,12 @@ def test_metadata_jsonl_and_small_images(tmp_path, mesh, caplog):
     src = builders.prepare_folder(tmp_path / "tfds", folder).as_data_source("train")
     assert sorted(src[i]["caption"].decode() for i in range(4)) == [f"red level {i}" for i in range(4)]
 
-    up = make_dataset(_cfg(tmp_path, folder, shuffle=False, crop="center"), mesh=mesh, global_batch_size=2,
-                      num_epochs=1)
-    assert sum(len(b["image"]) for b in up) == 4 and up.num_skipped == 0
+    with caplog.at_level(logging.WARNING, logger="ldm_jax.data.pipeline"):
+        up = make_dataset(_cfg(tmp_path, folder, shuffle=False, crop="center"), mesh=mesh, global_batch_size=2,
+                          num_epochs=1)
+        assert sum(len(b["image"]) for b in up) == 4 and up.num_skipped == 0
+    assert "upscaling image img1.png of size (16, 16) to resolution 32" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ldm_jax.data.pipeline"):
         skip = make_dataset(_cfg(tmp_path, folder, small_images="skip", shuffle=False), mesh=mesh,
                             global_batch_size=2, num_epochs=1)

@@ -188,12 +188,19 @@ class _Preprocess(grain.transforms.RandomMap):
         self.resolution, self.skip_small = c.resolution, c.small_images == "skip"
         self.train, self.random_crop, self.flip = train, train and c.crop == "random", train and c.flip
         self.tokenizer = tokenizer if self.caption_key else None
-        self.skipped = 0
+        self.skipped = self.upscaled = 0
         self._lock = threading.Lock()
 
     def random_map(self, ex: dict, rng: np.random.Generator) -> dict | None:
         image = decode_image(ex[self.image_key], self.resolution)
-        if self.skip_small and min(image.shape[:2]) < self.resolution:
+        if not self.skip_small and min(image.shape[:2]) < self.resolution:
+            with self._lock:
+                self.upscaled += 1
+                if self.upscaled <= 3:
+                    log.warning("upscaling image %s of size %s to resolution %d (data.small_images='upscale'; "
+                                "'skip' drops such images)", _text(ex.get("file_name", b"?")), image.shape[:2],
+                                self.resolution)
+        elif self.skip_small and min(image.shape[:2]) < self.resolution:
             with self._lock:
                 self.skipped += 1
                 if self.skipped <= 20 or self.skipped % 1000 == 0:

@@ -87,13 +87,6 @@ class ShapesSpec:
         """All (color, shape) pairs; `label` indexes this tuple."""
         return tuple((c, s) for c in self.colors for s in self.shapes)
 
-    def name(self) -> str:
-        """Short stable id of this spec (tfds builder config names and cache directories)."""
-        import hashlib
-
-        digest = hashlib.sha1(repr(dataclasses.astuple(self)).encode()).hexdigest()[:8]
-        return f"r{self.resolution}_{digest}"
-
 
 def sample_attributes(spec: ShapesSpec, seed: int, split: str, index: int) -> dict[str, str]:
     """The attributes of example `index` of `split`: a pure function of its arguments."""

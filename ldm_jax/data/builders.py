@@ -264,6 +264,9 @@ def prepare_tfds(name: str, data_dir: str | os.PathLike | None) -> tfds.core.Dat
                         f"tfds.builder({name!r}, file_format='array_record').download_and_prepare()")
     try:
         _prepare(builder)
+    except ModuleNotFoundError as e:
+        raise DataError(f"preparing tfds dataset {name!r} needs the Python package {e.name!r}, which "
+                        f"tensorflow-datasets imports without declaring it: pip install {e.name}") from e
     except Exception as e:  # noqa: BLE001 - downloads fail in many ways; say which dataset and where
         raise DataError(f"tfds dataset {name!r} is not prepared in {builder.data_dir} and preparing it failed "
                         f"({type(e).__name__}: {str(e)[:300]}). Datasets that need a download or a manual "

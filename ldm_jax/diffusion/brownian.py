@@ -32,8 +32,11 @@ class BrownianTree:
     W on [t0, t1] with W(t0) = 0 is never stored: W(t) is rebuilt by bisecting [t0, t1] `depth`
     times, sampling each midpoint from its Brownian-bridge law
     W(m) | W(a), W(b) ~ N((W(a) + W(b)) / 2, (b − a) / 4) with a key fixed by the node's path, and
-    interpolating linearly inside the final leaf. Queries are therefore consistent: the same t
-    always gives the same W(t), and increments over disjoint intervals are independent.
+    finally W(t) | W(a), W(b) ~ N(lerp, (t − a)(b − t)/(b − a)) inside the leaf with a key fixed by
+    the leaf and the bits of t. The same t always gives the same W(t) and every W(t) has the exact
+    Brownian law; two different points inside one leaf (width (t1 − t0)/2^depth, 1e-6 relative at
+    the default depth 20) get independent bridge draws — the tree's only approximation.
+    Cost per query: depth + 2 Gaussian draws of the full shape.
     """
 
     def __init__(self, key: jax.Array, shape: tuple[int, ...], dtype, t0, t1, depth: int | None = None):
@@ -41,8 +44,7 @@ class BrownianTree:
         self.shape, self.dtype = tuple(shape), jnp.dtype(dtype)
         self.t0 = jnp.asarray(t0, self.dtype)
         self.t1 = jnp.asarray(t1, self.dtype)
-        # Leaves near float resolution so the linear interpolation error is negligible.
-        self.depth = depth if depth is not None else (48 if self.dtype.itemsize >= 8 else 32)
+        self.depth = 20 if depth is None else depth
 
     def _normal(self, key):
         return jax.random.normal(jax.random.wrap_key_data(key), self.shape, self.dtype)
@@ -64,9 +66,15 @@ class BrownianTree:
                     jnp.where(left, wm, wb), jnp.where(left, k_left, k_right))
 
         init = (self.t0, self.t1, jnp.zeros(self.shape, self.dtype), w1, jax.random.key_data(first))
-        a, b, wa, wb, _ = jax.lax.fori_loop(0, self.depth, level, init)
-        frac = jnp.where(b > a, (t - a) / jnp.where(b > a, b - a, 1), 0)
-        return wa + frac * (wb - wa)
+        a, b, wa, wb, leaf = jax.lax.fori_loop(0, self.depth, level, init)
+        width = jnp.where(b > a, b - a, 1)
+        frac = jnp.clip((t - a) / width, 0, 1)
+        bits = jax.lax.bitcast_convert_type(t, jnp.uint32 if self.dtype.itemsize == 4 else jnp.uint64)
+        key = jax.random.wrap_key_data(leaf)
+        for k in range(self.dtype.itemsize // 4):  # fold every 32-bit word of t into the leaf key
+            key = jax.random.fold_in(key, (bits >> (32 * k)).astype(jnp.uint32))
+        std = jnp.sqrt(jnp.maximum((t - a) * (b - t), 0) / width)
+        return wa + frac * (wb - wa) + std * jax.random.normal(key, self.shape, self.dtype)
 
     def __call__(self, ta, tb) -> jax.Array:
         """The increment W(tb) − W(ta)."""

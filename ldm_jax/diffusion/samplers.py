@@ -32,7 +32,10 @@ def _is_zero(v) -> bool:
 
 
 def check_inputs(name: str, x, sigmas, *, needs_noise: bool = False, key=None, noise_sampler=None):
-    """Validate before tracing; returns (x, sigmas cast to x's dtype). Raises ValueError/TypeError."""
+    """Validate before tracing; returns (x, sigmas) in x's dtype (at least float32).
+
+    Value checks on sigmas (finite, non-negative, decreasing, only the last 0) run when sigmas are
+    concrete; a traced schedule is only checked for its shape."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name}: x must be an array, got {type(x).__name__}")
     if x.ndim < 1:
@@ -58,7 +61,9 @@ def check_inputs(name: str, x, sigmas, *, needs_noise: bool = False, key=None, n
             raise ValueError(f"{name}: only the last sigma may be 0, got {s}")
     if needs_noise and key is None and noise_sampler is None:
         raise ValueError(f"{name} draws noise: pass key= (a jax.random key) or noise_sampler=")
-    return x, jnp.asarray(sigmas, x.dtype)
+    # half-precision latents are integrated in float32 (σ in bf16 would lose the schedule)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    return jnp.asarray(x, dtype), jnp.asarray(sigmas, dtype)
 
 
 def call_denoiser(denoiser: Denoiser, x: jax.Array, sigma) -> jax.Array:

@@ -302,6 +302,12 @@ def test_presets_build_with_expected_shapes():
         latent = out[0] if isinstance(model, VQModel) else out.mean
         f = model.downsample_factor
         assert latent.shape == (1, size // f, size // f, kw["embed_dim"]), name
+    for name in ("tiny", "vq-tiny"):  # every parameter carries one logical axis name per dimension
+        model = build_autoencoder(name)
+        extra = {} if isinstance(model, VQModel) else {"sample_posterior": False}
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), **extra))["params"]
+        leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+        assert leaves and all(isinstance(v, nn.Partitioned) and len(v.names) == v.value.ndim for v in leaves), name
     assert build_autoencoder("kl-f16").downsample_factor == 16 and build_autoencoder("kl-f4").downsample_factor == 4
     assert "n_embed" not in conv.config_from_diffusers(conv.config_to_diffusers(VAE_PRESETS["kl-f8"]))
 

@@ -113,7 +113,9 @@ def config_to_diffusers(kwargs: Mapping[str, Any], *, scaling_factor: float | No
     kw = full_kwargs(kwargs)
     is_vq = "n_embed" in kw
     if not is_vq and kw["embed_dim"] != kw["z_channels"]:
-        raise ValueError(f"diffusers AutoencoderKL needs embed_dim == z_channels, got {kw['embed_dim']} vs {kw['z_channels']}")
+        raise ValueError(
+            f"diffusers AutoencoderKL needs embed_dim == z_channels, got {kw['embed_dim']} vs {kw['z_channels']}"
+        )
     if is_vq and (not kw["legacy"] or kw["beta"] != 0.25):
         raise ValueError("diffusers VQModel fixes beta=0.25 and the legacy loss")
     attn = _attn_levels(kw)
@@ -153,9 +155,12 @@ def config_from_compvis(
 
     conv_in = shape("encoder.conv_in.weight")
     if conv_in is None:
-        raise CheckpointError(f"no CompVis autoencoder under prefix {prefix!r} (missing {prefix}encoder.conv_in.weight)")
+        raise CheckpointError(
+            f"no CompVis autoencoder under prefix {prefix!r} (missing {prefix}encoder.conv_in.weight)"
+        )
     ch, in_channels = conv_in[0], conv_in[1]
-    levels = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(re.escape(prefix) + r"encoder\.down\.(\d+)\.", k)))
+    down = re.compile(re.escape(prefix) + r"encoder\.down\.(\d+)\.")
+    levels = 1 + max(int(m.group(1)) for k in tensors if (m := down.match(k)))
     ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
     num_res_blocks = 1 + max(
         int(m.group(1)) for k in tensors if (m := re.match(re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.", k))
@@ -283,7 +288,9 @@ def from_diffusers(sd: StrictStateDict | Mapping[str, Any], kwargs: Mapping[str,
     return _load(sd, kwargs, prefix, compvis=False)
 
 
-def from_compvis(sd: StrictStateDict | Mapping[str, Any], kwargs: Mapping[str, Any], prefix: str = "first_stage_model.") -> dict:
+def from_compvis(
+    sd: StrictStateDict | Mapping[str, Any], kwargs: Mapping[str, Any], prefix: str = "first_stage_model."
+) -> dict:
     """Params from a CompVis state dict (`first_stage_model.` in SD single files, '' for LDM first-stage ckpts)."""
     return _load(sd, kwargs, prefix, compvis=True)
 
@@ -293,9 +300,11 @@ def _export(params: Mapping[str, Any], kwargs, prefix: str, compvis: bool) -> di
     shapes = param_shapes(kwargs)
     flat = flatten(params)
     missing, extra = sorted(set(shapes) - set(flat)), sorted(set(flat) - set(shapes))
-    wrong = [f"{k}: {tuple(np.shape(flat[k]))} vs {s}" for k, s in shapes.items() if k in flat and tuple(np.shape(flat[k])) != s]
+    wrong = [f"{k}: {np.shape(v)} vs {shapes[k]}" for k, v in flat.items() if k in shapes and np.shape(v) != shapes[k]]
     if missing or extra or wrong:
-        raise CheckpointError(f"params do not match the autoencoder config: missing {missing}, unexpected {extra}, wrong shape {wrong}")
+        raise CheckpointError(
+            f"params do not match the autoencoder config: missing {missing}, unexpected {extra}, wrong shape {wrong}"
+        )
     levels = len(full_kwargs(kwargs)["ch_mult"])
     out = {}
     for key, shape in shapes.items():
@@ -316,6 +325,8 @@ def to_diffusers(params: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[s
     return _export(params, kwargs, "", compvis=False)
 
 
-def to_compvis(params: Mapping[str, Any], kwargs: Mapping[str, Any], prefix: str = "first_stage_model.") -> dict[str, np.ndarray]:
+def to_compvis(
+    params: Mapping[str, Any], kwargs: Mapping[str, Any], prefix: str = "first_stage_model."
+) -> dict[str, np.ndarray]:
     """A CompVis-layout state dict (float32 numpy) under `prefix` from our params."""
     return _export(params, kwargs, prefix, compvis=True)

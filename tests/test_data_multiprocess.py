@@ -71,4 +71,10 @@ def test_two_processes_share_the_stream(tmp_path):
         # process p reads stream elements p, p+2, ...: its rows are the single-process batch's p::2
         assert local0 == labels[0::2] and local1 == labels[1::2]
     assert results[0]["state"]["num_processes"] == 2
+    # the two-process state resumes a one-process run at the same place in the stream
+    resumed = make_dataset(c, mesh=make_mesh((4, 2, 1)), global_batch_size=8, seed=5)
+    resumed.set_state(json.loads(json.dumps(results[0]["state"])))
+    for _ in range(2):
+        np.testing.assert_array_equal(np.asarray(next(resumed)["label"]), np.asarray(next(ref)["label"]))
     ref.close()
+    resumed.close()

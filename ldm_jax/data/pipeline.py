@@ -282,12 +282,24 @@ class DataIterator:
         """Continue right after the batch at which `state` was taken."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data iterator state version {state.get('version')} != {STATE_VERSION}")
-        changed = {k: (state.get(k), v) for k, v in self.meta.items() if state.get(k) != v}
+        grain_state = dict(state["grain"])
+        saved_procs, procs = int(state.get("num_processes", 1)), self.meta["num_processes"]
+        if saved_procs != procs and "next_index" in grain_state:
+            # Each process reads every procs-th element of one global stream, so the position in that
+            # stream carries over to another process count: same examples, rows in another order.
+            consumed = int(grain_state["next_index"]) * saved_procs
+            if consumed % procs:
+                log.warning("restoring a data position of %d examples onto %d processes: rounding down to a "
+                            "multiple of %d", consumed, procs, procs)
+            grain_state["next_index"] = consumed // procs
+            log.info("data iterator saved on %d process(es) restored on %d", saved_procs, procs)
+        topology = ("num_processes", "global_batch_size")
+        changed = {k: (state.get(k), v) for k, v in self.meta.items() if state.get(k) != v and k not in topology}
         if changed:
             log.warning("data iterator restored across a changed pipeline %s (saved, now): the stream will "
                         "not match the original run exactly", changed)
         self.close()
-        self._iter.set_state(state["grain"])
+        self._iter.set_state(grain_state)
         self._state = self._iter.get_state()
 
 

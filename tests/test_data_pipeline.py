@@ -198,3 +198,16 @@ def test_nested_and_multiple_captions(cfg):
     c.crop, c.flip = "center", False
     evaluation = _Preprocess(c, tok, False, {"image": None, "captions": None})
     assert {int(evaluation.random_map(ex, np.random.default_rng(i))["input_ids"][0]) for i in range(5)} == {3}
+
+
+def test_same_batches_on_any_mesh(cfg, tok):
+    """Sharded over (data, fsdp), replicated over tensor, or on one device: the same values."""
+    single = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    want = _take(make_dataset(cfg, mesh=single, global_batch_size=B, tokenizer=tok, seed=2), 2)
+    for shape in ((2, 2, 2), (1, 1, 8)):
+        it = make_dataset(cfg, mesh=make_mesh(shape), global_batch_size=B, tokenizer=tok, seed=2)
+        for w, got in zip(want, [next(it) for _ in range(2)]):
+            assert got["image"].sharding.mesh.shape == dict(zip(("data", "fsdp", "tensor"), shape))
+            for k in w:
+                np.testing.assert_array_equal(np.asarray(got[k]), w[k])
+        it.close()

@@ -66,7 +66,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                   num_head_channels=32, transformer_depth=1, context_dim=64, use_linear_in_transformer=True)
     c.cond.type = "text"
     c.cond.tokenizer = "train"  # a byte-level BPE trained on the captions, kept as WORKDIR/tokenizer.json
-    c.cond.text = dict(vocab_size=512, width=64, layers=2, heads=4, mlp_dim=128, max_length=16, act="gelu",
+    c.cond.text = dict(vocab_size=640, width=64, layers=2, heads=4, mlp_dim=128, max_length=16, act="gelu",
                        causal=False)
     c.cond.text_trainable = True
     c.cond.drop_prob = 0.1  # for classifier-free guidance

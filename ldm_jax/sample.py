@@ -20,26 +20,6 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training workdir of ours (newest checkpoint, EMA weights).")
-flags.DEFINE_string("pretrained", None, "A diffusers folder or a single-file .safetensors/.ckpt checkpoint.")
-flags.DEFINE_multi_string("prompt", None, "Prompt; repeat the flag for several prompts (cycled over --num_images).")
-flags.DEFINE_string("negative_prompt", "", "Negative prompt (the unconditional half of guidance).")
-flags.DEFINE_integer("num_images", 4, "How many images to write.")
-flags.DEFINE_string("sampler", "dpmpp_2m", "Sampler name (ldm_jax.sampling.SAMPLERS).")
-flags.DEFINE_string("schedule", "karras", "Sigma schedule: karras, exponential, polyexponential, normal, simple, ddim_uniform.")
-flags.DEFINE_integer("steps", 25, "Sampler steps.")
-flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("height", None, "Image height (default: the model's size).")
-flags.DEFINE_integer("width", None, "Image width (default: the model's size).")
-flags.DEFINE_integer("batch_size", None, "Images per device program call (default: all at once).")
-flags.DEFINE_string("init_image", None, "img2img / inpainting: the starting image (PNG/JPEG).")
-flags.DEFINE_float("strength", None, "img2img: how much to change the image (0..1]; default 0.8, inpainting 1.0.")
-flags.DEFINE_string("mask", None, "Inpainting: mask image, white = repaint.")
-flags.DEFINE_integer("checkpoint_step", None, "--workdir: checkpoint step to load (default: newest).")
-flags.DEFINE_string("out", "samples", "Output folder.")
-
 
 def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
     """Tiles (N, H, W, 3) uint8 images into one image, `cols` per row (default ~sqrt(N))."""
@@ -73,11 +53,33 @@ def _read_image(path: str, mode: str = "RGB") -> np.ndarray:
     return np.asarray(Image.open(path).convert(mode))
 
 
+def _define_flags() -> None:
+    """The CLI flags (defined only when run as a program, so importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "A training workdir of ours (newest checkpoint, EMA weights).")
+    flags.DEFINE_string("pretrained", None, "A diffusers folder or a single-file .safetensors/.ckpt checkpoint.")
+    flags.DEFINE_multi_string("prompt", None, "Prompt; repeat the flag for several prompts (cycled over --num_images).")
+    flags.DEFINE_string("negative_prompt", "", "Negative prompt (the unconditional half of guidance).")
+    flags.DEFINE_integer("num_images", 4, "How many images to write.")
+    flags.DEFINE_string("sampler", "dpmpp_2m", "Sampler name (ldm_jax.sampling.SAMPLERS).")
+    flags.DEFINE_string("schedule", "karras", "Sigma schedule: karras, exponential, polyexponential, normal, simple, ddim_uniform.")
+    flags.DEFINE_integer("steps", 25, "Sampler steps.")
+    flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_integer("height", None, "Image height (default: the model's size).")
+    flags.DEFINE_integer("width", None, "Image width (default: the model's size).")
+    flags.DEFINE_integer("batch_size", None, "Images per device program call (default: all at once).")
+    flags.DEFINE_string("init_image", None, "img2img / inpainting: the starting image (PNG/JPEG).")
+    flags.DEFINE_float("strength", None, "img2img: how much to change the image (0..1]; default 0.8, inpainting 1.0.")
+    flags.DEFINE_string("mask", None, "Inpainting: mask image, white = repaint.")
+    flags.DEFINE_integer("checkpoint_step", None, "--workdir: checkpoint step to load (default: newest).")
+    flags.DEFINE_string("out", "samples", "Output folder.")
+
+
 def run(argv_flags=None) -> list[pathlib.Path]:
     """Loads the model, samples, writes the PNGs; returns their paths."""
     from ldm_jax.pipeline import load_pretrained, load_workdir
 
-    f = argv_flags or FLAGS
+    f = argv_flags or flags.FLAGS
     if bool(f.workdir) == bool(f.pretrained):
         raise app.UsageError("give exactly one of --workdir=DIR or --pretrained=PATH")
     if f.num_images < 1:
@@ -135,4 +137,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

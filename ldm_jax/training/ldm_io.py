@@ -3,8 +3,8 @@
 A first stage (`config.first_stage.checkpoint`) is one of
   "random"                        random weights (tests, benchmarks)
   an autoencoder workdir of ours  `WORKDIR/checkpoints/<step>/` written by the autoencoder objective:
-                                  its `ema["ae"]` (else `params["ae"]`) with the kwargs in
-                                  meta["first_stage_kwargs"]
+                                  its `ema["ae"]` (else `params["ae"]`), checked against the kwargs
+                                  in its meta["first_stage"]["kwargs"] (`AutoencoderObjective.export`)
   a diffusers VAE folder          config.json + diffusion_pytorch_model.safetensors (or an SD folder with vae/)
   a single-file SD checkpoint     .safetensors / .ckpt with `first_stage_model.` keys
 """
@@ -88,7 +88,7 @@ def read_workdir_params(workdir: str | pathlib.Path, group: str, abstract: Any, 
                                                   partial_restore=True))
             ckpt.close()
             return restored[field][group], meta
-        except (KeyError, ValueError, FileNotFoundError):
+        except (KeyError, ValueError, TypeError, FileNotFoundError):  # TypeError: an empty EMA tree
             continue
     ckpt.close()
     raise ConfigError(f"{workdir}: its checkpoint has no parameter group {group!r} (is it the right kind of workdir?)")
@@ -102,8 +102,9 @@ def load_first_stage(config: ml_collections.ConfigDict, module: nn.Module, abstr
     kwargs = config.first_stage.kwargs.to_dict()
     if _is_workdir(path):
         params, meta = read_workdir_params(path, "ae", abstract)
-        if "first_stage_kwargs" in meta:
-            _compare_kwargs(meta["first_stage_kwargs"], kwargs, str(path))
+        found = (meta.get("first_stage") or {}).get("kwargs")
+        if found:
+            _compare_kwargs(dict(found), kwargs, str(path))
         return jax.device_get(params)
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path

@@ -92,12 +92,36 @@ def default_loss_config() -> ml_collections.ConfigDict:
     )
 
 
-def model_kwargs(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Autoencoder kwargs from `config.model` (a `VAE_PRESETS` name plus field overrides)."""
+def default_autoencoder_config(preset: str) -> ml_collections.ConfigDict:
+    """A whole first-stage training config (loop + data + model + loss + two Adams (0.5, 0.9) + eval) for `preset`."""
+    from ldm_jax.data.config import default_data_config
+    from ldm_jax.training.loop import default_loop_config
+    from ldm_jax.training.optim import default_optim_config
+
+    c = default_loop_config()
+    c.objective = "autoencoder"
+    c.data = default_data_config()
+    c.data.caption_key = ""
+    c.data.label_key = ""
+    c.model = ml_collections.ConfigDict(dict(preset=preset, overrides={}, dtype="float32"))
+    c.loss = default_loss_config()
+    c.optim = default_optim_config()
+    # LDM's configure_optimizers: Adam(lr, betas=(0.5, 0.9)) for the autoencoder and the discriminator, no clipping.
+    c.optim.update(name="adam", b1=0.5, b2=0.9, weight_decay=0.0, clip_norm=0.0)
+    # Reconstructions grid + PSNR/SSIM every `every` steps on `batch_size * num_batches` images of `split`.
+    c.eval = ml_collections.ConfigDict(dict(every=1000, split="test", batch_size=8, num_batches=4, grid_images=8))
+    return c
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Autoencoder kwargs: the `model.preset` from `VAE_PRESETS`, `model.overrides`, resolution = data.resolution."""
+    model_cfg = config.model
     if model_cfg.preset not in VAE_PRESETS:
         raise ConfigError(f"model.preset={model_cfg.preset!r} is unknown; choose one of {sorted(VAE_PRESETS)}")
     kwargs = {**VAE_PRESETS[model_cfg.preset], **model_cfg.get("overrides", {})}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if "data" in config:
+        kwargs["resolution"] = int(config.data.resolution)
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()}
 
 
 # ------------------------------------------------------------------------------------------- objective
@@ -109,7 +133,7 @@ class AutoencoderObjective:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.loss_cfg = config.loss
-        self.kwargs = model_kwargs(config.model)
+        self.kwargs = model_kwargs(config)
         dtype = jnp.dtype(config.model.get("dtype", "float32"))
         self.model = autoencoder_class(self.kwargs)(**self.kwargs, dtype=dtype)
         self.kind = "vq" if isinstance(self.model, VQModel) else "kl"
@@ -159,6 +183,11 @@ class AutoencoderObjective:
     def validate(self, mesh) -> None:
         """Fails early on missing LPIPS weights; warns when the perceptual term is off."""
         lc = self.loss_cfg
+        if int(self.config.optim.grad_accum) != 1:
+            raise ConfigError(
+                "the autoencoder objective does not accumulate gradients (the adaptive GAN weight and BatchNorm are "
+                "per batch): set --config.optim.grad_accum=1 and put the accumulated batch in global_batch_size"
+            )
         if lc.perceptual_weight > 0:
             if not lc.lpips_weights:
                 raise ConfigError(

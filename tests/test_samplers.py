@@ -136,3 +136,15 @@ def test_gaussian_mixture_exactness(name):
     for k in range(3):
         np.testing.assert_allclose(out[label == k].mean(0), MU2[k], atol=0.06)  # std ≈ s_k/sqrt(n_k) < 0.02
         np.testing.assert_allclose(out[label == k].std(0), S2[k], rtol=0.1)
+
+
+def test_per_sample_keys_independent_of_batch():
+    """With one key per sample (iid draws, or one Brownian tree each), a sample does not depend on
+    which batch it is drawn in."""
+    keys = jax.random.split(jax.random.key(9), 8)
+    run = jax.jit(lambda x, k: sampling.sample_euler_ancestral(DEN, x, SIGMAS, key=k))
+    full, part = run(X, keys), run(X[2:4], keys[2:4])
+    np.testing.assert_allclose(full[2:4], part, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(full[0]) - np.asarray(run(X, jax.random.split(jax.random.key(8), 8))[0])).max() > 1e-2
+    tree = jax.jit(lambda x, k: BrownianTreeNoiseSampler(x, 0.03, 15.0, k)(0, 3.0, 1.0))
+    np.testing.assert_array_equal(tree(X, keys)[2:4], tree(X[2:4], keys[2:4]))

@@ -16,13 +16,27 @@ import jax.numpy as jnp
 NoiseSampler = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def _as_typed(key: jax.Array) -> jax.Array:
+    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
+def is_batched_key(key: jax.Array, x: jax.Array) -> bool:
+    """One key per sample: a typed key array of shape (B,) or raw uint32 keys of shape (B, 2)."""
+    key = _as_typed(key)
+    return key.ndim == 1 and key.shape[0] == x.shape[0]
+
+
 def key_noise_sampler(key: jax.Array, x: jax.Array) -> NoiseSampler:
-    """Independent N(0, I) draws like x, the i-th from fold_in(key, i)."""
-    shape, dtype = x.shape, x.dtype
-
-    def sample(i, sigma, sigma_next):
-        return jax.random.normal(jax.random.fold_in(key, i), shape, dtype)
-
+    """Independent N(0, I) draws like x, the i-th from fold_in(key, i). With one key per sample
+    (shape (B,)), sample b's noise depends only on key[b], not on the batch it is in."""
+    key = _as_typed(key)
+    dtype = x.dtype
+    if is_batched_key(key, x):
+        def sample(i, sigma, sigma_next):
+            return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], dtype))(key)
+    else:
+        def sample(i, sigma, sigma_next):
+            return jax.random.normal(jax.random.fold_in(key, i), x.shape, dtype)
     return sample
 
 
@@ -91,12 +105,29 @@ class BrownianTreeNoiseSampler:
                  transform: Callable = lambda s: s, depth: int | None = None):
         self.transform = transform
         t_a, t_b = transform(jnp.asarray(sigma_min, x.dtype)), transform(jnp.asarray(sigma_max, x.dtype))
-        self.tree = BrownianTree(key, x.shape, x.dtype, jnp.minimum(t_a, t_b), jnp.maximum(t_a, t_b), depth)
+        lo, hi = jnp.minimum(t_a, t_b), jnp.maximum(t_a, t_b)
+        key = _as_typed(key)
+        self.batched = is_batched_key(key, x)  # one tree per sample, as k-diffusion's list of seeds
+        if self.batched:
+            self.keys = jax.random.key_data(key)
+            self.tree = BrownianTree(key[0], x.shape[1:], x.dtype, lo, hi, depth)
+        else:
+            self.tree = BrownianTree(key, x.shape, x.dtype, lo, hi, depth)
 
     def __call__(self, i, sigma, sigma_next) -> jax.Array:
         t0, t1 = self.transform(sigma), self.transform(sigma_next)
         dt = jnp.abs(t1 - t0)
-        return self.tree(t0, t1) / jnp.sqrt(jnp.where(dt > 0, dt, 1))
+        if self.batched:
+            tree = self.tree
+
+            def one(k):
+                return BrownianTree(jax.random.wrap_key_data(k), tree.shape, tree.dtype, tree.t0, tree.t1,
+                                    tree.depth)(t0, t1)
+
+            w = jax.vmap(one)(self.keys)
+        else:
+            w = self.tree(t0, t1)
+        return w / jnp.sqrt(jnp.where(dt > 0, dt, 1))
 
 
-__all__ = ["NoiseSampler", "key_noise_sampler", "BrownianTree", "BrownianTreeNoiseSampler"]
+__all__ = ["NoiseSampler", "is_batched_key", "key_noise_sampler", "BrownianTree", "BrownianTreeNoiseSampler"]

@@ -36,12 +36,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint.every = 500
     if "test" in args:
         c.image_size = 8
-        c.global_batch_size = 8
+        c.global_batch_size = 16
+        # every optional piece of the objective on, so that the tests exercise them
+        c.optim.grad_accum = 2
+        c.cond.drop_prob = 0.25
+        c.diffusion.min_snr_gamma = 5.0
+        c.diffusion.offset_noise = 0.05
+        c.diffusion.learn_logvar = True
         c.unet.channel_mult = (1,)
         c.unet.attention_resolutions = (1,)
         c.unet.context_dim = 32
         c.first_stage.kwargs.ch_mult = (1,)  # no downsampling: 8x8 images -> 8x8x4 latents
         c.first_stage.kwargs.resolution = 8
+        c.first_stage.kwargs.mid_attn = False
         c.first_stage.checkpoint = "random"
         c.cond.text = dict(vocab_size=64, width=32, layers=1, heads=2, mlp_dim=32, max_length=8, act="gelu",
                            causal=False)

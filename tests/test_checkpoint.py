@@ -15,7 +15,7 @@ from ldm_jax import sharding as shd
 from ldm_jax.checkpoint import Checkpointer, abstract_with_shardings
 from ldm_jax.training import ldm, loop
 from ldm_jax.training import state as st
-from training_utils import batches, host, max_diff, tiny_config
+from training_utils import batches, host, max_diff, shared_objective, tiny_config
 
 HERE = pathlib.Path(__file__).parent
 
@@ -23,7 +23,7 @@ HERE = pathlib.Path(__file__).parent
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     config = tiny_config("test", num_steps=6, **{"checkpoint.every": 2})
-    objective = ldm.build(config)
+    objective = shared_objective("test")
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     full_dir = tmp_path_factory.mktemp("full")
     full = loop.train(config, full_dir, objective=objective, dataset=batches(config, mesh), mesh=mesh)
@@ -84,7 +84,7 @@ def test_nan_stops_naming_step_and_checkpoint(setup, tmp_path):
                 b["image"][:] = np.nan
             return b
 
-    data = Poisoned(mesh, 8, int(config.image_size), text_length=int(config.cond.text.max_length),
+    data = Poisoned(mesh, int(config.global_batch_size), int(config.image_size), text_length=int(config.cond.text.max_length),
                     vocab_size=int(config.cond.text.vocab_size))
     with pytest.raises(FloatingPointError, match=r"at step 5.*last good checkpoint is step 4"):
         loop.train(config, tmp_path, objective=objective, dataset=data, mesh=mesh)

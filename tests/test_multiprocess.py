@@ -13,7 +13,7 @@ import pytest
 
 from ldm_jax import sharding as shd
 from ldm_jax.training import loop
-from training_utils import batches, tiny_config
+from training_utils import batches, shared_objective, tiny_config
 
 HERE = pathlib.Path(__file__).parent
 STEPS = 3
@@ -31,8 +31,8 @@ def test_two_processes_match_one_process(tmp_path):
     for pid in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        cmd = [sys.executable, str(HERE / "train_worker.py"), str(tmp_path / "mp"), "test,none", str(STEPS), "1000",
-               str(tmp_path / "mp.json")]
+        cmd = [sys.executable, str(HERE / "train_worker.py"), str(tmp_path / "mp"), "test", str(STEPS), "1000",
+               str(tmp_path / "mp.json"), "4,2,1"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outs = [p.communicate(timeout=420)[0] for p in procs]
@@ -48,7 +48,10 @@ def test_two_processes_match_one_process(tmp_path):
     mp = json.loads((tmp_path / "mp.json").read_text())
     assert mp["processes"] == 2 and mp["devices"] == 8 and mp["step"] == STEPS
 
-    config = tiny_config("test,none", num_steps=STEPS, **{"checkpoint.every": 1000})
-    mesh = shd.mesh_from_config(config.mesh)  # (8, 1, 1) over this process's 8 devices
-    single = loop.train(config, tmp_path / "sp", dataset=batches(config, mesh), mesh=mesh)
+    # The reference: one process, 8 devices, the same (data 4 x fsdp 2) mesh and the same objective as
+    # test_training's sharded test (its compiled step is reused when both run in one pytest process).
+    config = tiny_config("test", num_steps=STEPS, mesh=(4, 2, 1), **{"checkpoint.every": 1000})
+    mesh = shd.mesh_from_config(config.mesh)
+    single = loop.train(config, tmp_path / "sp", objective=shared_objective("test"), dataset=batches(config, mesh),
+                        mesh=mesh)
     np.testing.assert_allclose(mp["losses"], single.losses, rtol=1e-6, atol=1e-7)

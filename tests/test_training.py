@@ -12,7 +12,7 @@ from ldm_jax.diffusion import losses
 from ldm_jax.training import ldm, loop, optim
 from ldm_jax.training import state as st
 from ldm_jax.training.objective import ConfigError
-from training_utils import batches, host, max_diff, tiny_config
+from training_utils import batches, host, max_diff, shared_objective, tiny_config
 
 
 # ------------------------------------------------------------------------------------- schedules
@@ -124,9 +124,8 @@ def test_noise_draw_has_no_collectives():
 # ------------------------------------------------------------------------- sharded == single device
 @pytest.fixture(scope="module")
 def tiny():
-    config = tiny_config("test", **{"optim.grad_accum": 2, "cond.drop_prob": 0.25, "diffusion.min_snr_gamma": 5.0,
-                                    "diffusion.offset_noise": 0.05, "diffusion.learn_logvar": True})
-    objective = ldm.build(config)
+    config = tiny_config("test")
+    objective = shared_objective("test")
     mesh1 = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     state = st.create_state(objective, mesh1, config.seed)
     data = batches(config, mesh1)
@@ -182,6 +181,10 @@ def test_bad_configs_fail_before_compiling(tmp_path):
     with pytest.raises(ConfigError, match="global_batch_size=6 is not divisible"):
         with config.unlocked():
             config.global_batch_size = 6
+        loop.check_config(config, shd.make_mesh((4, 2, 1)))
+    with pytest.raises(ConfigError, match="optim.grad_accum"):
+        with config.unlocked():
+            config.global_batch_size = 8  # divisible by data*fsdp=8 but not by grad_accum(2)*8
         loop.check_config(config, shd.make_mesh((4, 2, 1)))
     config = tiny_config("test", **{"first_stage.checkpoint": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="autoencoder_kl_f8.py"):

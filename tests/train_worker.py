@@ -1,6 +1,6 @@
 """Subprocess entry of the checkpoint and multi-process tests: trains the tiny test config.
 
-python tests/train_worker.py WORKDIR CONFIG_ARG NUM_STEPS CKPT_EVERY OUT_JSON
+python tests/train_worker.py WORKDIR CONFIG_ARG NUM_STEPS CKPT_EVERY OUT_JSON [MESH e.g. 4,2,1]
 Multi-process runs set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (+ XLA_FLAGS).
 """
 import json
@@ -21,7 +21,8 @@ from training_utils import batches, tiny_config  # noqa: E402
 def main() -> None:
     workdir, arg, steps, every, out = sys.argv[1:6]
     shd.initialize_distributed()
-    config = tiny_config(arg, num_steps=int(steps), **{"checkpoint.every": int(every)})
+    mesh_arg = {"mesh": tuple(int(x) for x in sys.argv[6].split(","))} if len(sys.argv) > 6 else {}
+    config = tiny_config(arg, num_steps=int(steps), **{"checkpoint.every": int(every)}, **mesh_arg)
     mesh = shd.mesh_from_config(config.mesh)
     result = loop.train(config, workdir, dataset=batches(config, mesh), mesh=mesh)
     if jax.process_index() == 0:

@@ -30,6 +30,19 @@ def tiny_config(arg: str = "test", **overrides):
     return c
 
 
+_OBJECTIVES: dict = {}
+
+
+def shared_objective(arg: str = "test"):
+    """One LDM objective per config variant for the whole pytest process, so that test modules share
+    compiled train steps (the loop memoizes its jitted functions on the objective)."""
+    from ldm_jax.training import ldm
+
+    if arg not in _OBJECTIVES:
+        _OBJECTIVES[arg] = ldm.build(tiny_config(arg))
+    return _OBJECTIVES[arg]
+
+
 def batches(config, mesh, seed: int = 0):
     from ldm_jax.training.synthetic import SyntheticBatches
 

@@ -16,6 +16,11 @@ draw with no cross-device traffic, and the values do not depend on the mesh, so 
 equals a one-device run and a checkpoint resumes exactly on another mesh. Per-device draws in a
 `shard_map` (fold_in(axis_index)) would also avoid communication but would tie the noise to the
 device count, so they buy nothing here; see tests/test_training.py::test_noise_draw_has_no_collectives.
+The data-parallel gradient reduction is left to XLA's partitioner too: it all-reduces (DP) or
+reduce-scatters (FSDP) the gradients itself. One place where a `shard_map` would pay is gradient
+accumulation on a pure data-parallel mesh: the compiled scan all-reduces the gradients once per
+micro-batch (the collective sits inside the loop body), where a per-device accumulation would reduce
+once per step; it is not done yet because draws inside a shard_map would have to be per device.
 """
 from __future__ import annotations
 

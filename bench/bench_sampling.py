@@ -3,8 +3,9 @@
     python3 bench/bench_sampling.py [--preset tiny] [--batch 2] [--size 32] [--steps 20] [--reps 5]
 
 overhead = (time of one jitted sampling run) / (time of as many jitted denoiser calls as the sampler
-makes, dispatched one after another from Python), alternated in this run on the same inputs (goal <= 1.05; below 1 means the fused program saves
-the per-call dispatch that a Python loop over steps would pay). Compile time is given for 10 and
+makes, dispatched one after another from Python), alternated in this run on the same inputs
+(goal <= 1.05; below 1 means the fused program saves the per-call dispatch that a Python loop over
+steps would pay). Compile time is given for 10 and
 100 steps: a constant means the program does not grow with the step count.
 Timings on a shared CPU are noisy: the two are alternated --reps times and the fastest of each kept.
 """

@@ -54,25 +54,27 @@ class BrownianTree:
     """
 
     def __init__(self, key: jax.Array, shape: tuple[int, ...], dtype, t0, t1, depth: int | None = None):
-        self.key = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        key = _as_typed(key)
+        self.impl = jax.random.key_impl(key)  # keep the caller's PRNG implementation
+        self.key = jax.random.key_data(key)
         self.shape, self.dtype = tuple(shape), jnp.dtype(dtype)
         self.t0 = jnp.asarray(t0, self.dtype)
         self.t1 = jnp.asarray(t1, self.dtype)
         self.depth = 20 if depth is None else depth
 
     def _normal(self, key):
-        return jax.random.normal(jax.random.wrap_key_data(key), self.shape, self.dtype)
+        return jax.random.normal(jax.random.wrap_key_data(key, impl=self.impl), self.shape, self.dtype)
 
     def w(self, t) -> jax.Array:
         """W(t) for t clipped to [t0, t1]."""
         t = jnp.clip(jnp.asarray(t, self.dtype), self.t0, self.t1)
-        root, first = jax.random.split(jax.random.wrap_key_data(self.key))
+        root, first = jax.random.split(jax.random.wrap_key_data(self.key, impl=self.impl))
         w1 = jnp.sqrt(self.t1 - self.t0) * jax.random.normal(root, self.shape, self.dtype)
 
         def level(_, state):
             a, b, wa, wb, key = state
             m = (a + b) / 2
-            keys = jax.random.split(jax.random.wrap_key_data(key), 3)
+            keys = jax.random.split(jax.random.wrap_key_data(key, impl=self.impl), 3)
             k_mid, k_left, k_right = (jax.random.key_data(k) for k in keys)
             wm = (wa + wb) / 2 + jnp.sqrt((b - a) / 4) * self._normal(k_mid)
             left = t < m
@@ -84,7 +86,7 @@ class BrownianTree:
         width = jnp.where(b > a, b - a, 1)
         frac = jnp.clip((t - a) / width, 0, 1)
         bits = jax.lax.bitcast_convert_type(t, jnp.uint32 if self.dtype.itemsize == 4 else jnp.uint64)
-        key = jax.random.wrap_key_data(leaf)
+        key = jax.random.wrap_key_data(leaf, impl=self.impl)
         for k in range(self.dtype.itemsize // 4):  # fold every 32-bit word of t into the leaf key
             key = jax.random.fold_in(key, (bits >> (32 * k)).astype(jnp.uint32))
         std = jnp.sqrt(jnp.maximum((t - a) * (b - t), 0) / width)
@@ -121,8 +123,8 @@ class BrownianTreeNoiseSampler:
             tree = self.tree
 
             def one(k):
-                return BrownianTree(jax.random.wrap_key_data(k), tree.shape, tree.dtype, tree.t0, tree.t1,
-                                    tree.depth)(t0, t1)
+                key = jax.random.wrap_key_data(k, impl=tree.impl)
+                return BrownianTree(key, tree.shape, tree.dtype, tree.t0, tree.t1, tree.depth)(t0, t1)
 
             w = jax.vmap(one)(self.keys)
         else:

@@ -182,7 +182,7 @@ sample_euler.__doc__ = "Karras et al. 2022 Algorithm 2 with Euler steps (k-diffu
 sample_heun = _churn_sampler("heun", "heun")
 sample_heun.__doc__ = "Karras et al. 2022 Algorithm 2 (Heun steps; Euler on the last step to σ = 0)."
 sample_dpm_2 = _churn_sampler("dpm_2", "dpm_2")
-sample_dpm_2.__doc__ = "DPM-Solver-2 (Lu et al. 2022) midpoint in log σ with Karras churn (k-diffusion `sample_dpm_2`)."
+sample_dpm_2.__doc__ = "DPM-Solver-2 (Lu et al. 2022) midpoint in log σ with Karras churn (k-diffusion dpm_2)."
 
 
 def sample_euler_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,

@@ -256,6 +256,7 @@ class Pipeline:
         # scale: the latent scale factor is an argument, so a run's scale_by_std value never goes stale.
         def program(params, cond_ids, uncond_ids, guidance, keys, latents, sigmas, image, mask, scale):
             self.trace_count += 1  # runs at trace time only
+            keys = jax.random.wrap_key_data(keys)
             cond_ctx = uncond_ctx = None
             if self.text_encoder is not None:
                 ctx = self._encode_text(params, jnp.concatenate([uncond_ids, cond_ids], axis=0))
@@ -477,9 +478,12 @@ def _global(x: np.ndarray, sh: jax.sharding.NamedSharding) -> jax.Array:
 
 
 def _global_keys(key: jax.Array, idx: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Per-image keys fold_in(key, j), sharded like the batch."""
+    """Raw data of the per-image keys fold_in(key, j), sharded like the batch (a host array every process holds)."""
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
     keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.asarray(idx, jnp.uint32))
-    return jax.device_put(keys, sharding.batch_sharding(mesh, 1))
+    data = np.asarray(jax.random.key_data(keys))
+    return _global(data, sharding.batch_sharding(mesh, data.ndim))
 
 
 def _fetch(x: jax.Array) -> np.ndarray:

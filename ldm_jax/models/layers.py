@@ -124,9 +124,30 @@ def attention(
 ) -> jax.Array:
     """Scaled dot-product attention on (batch, length, heads, head_dim) through `jax.nn.dot_product_attention`.
 
-    XLA picks the fused cuDNN kernel on GPUs where it applies; on CPU/TPU this is the XLA reference.
+    XLA picks the fused cuDNN kernel on GPUs where it applies. On CPU the same math is written as head-major
+    batched matmuls, which XLA:CPU runs ~3x faster than `dot_product_attention`'s (B,T,N,H) einsums
+    (one 4096-token, 8-head SD attention layer on 2 cores: 5-14 s -> 2-4 s, measured while the cores were shared).
     """
+    if jax.default_backend() == "cpu":
+        return _attention_head_major(q, k, v, mask=mask, is_causal=is_causal)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+
+
+def _attention_head_major(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False
+) -> jax.Array:
+    """`jax.nn.dot_product_attention`'s XLA math (fp32 softmax, same masking) as (B, N, T, S) matmuls."""
+    scale = q.shape[-1] ** -0.5
+    qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, N, T, H)
+    logits = (qh * jnp.asarray(scale, q.dtype)) @ jnp.swapaxes(kh, -1, -2)
+    big_neg = jnp.asarray(jnp.finfo(logits.dtype).min * 0.7, logits.dtype)
+    if mask is not None:
+        logits = jnp.where(mask, logits, big_neg)
+    if is_causal:
+        causal = jnp.tril(jnp.ones(logits.shape[-2:], dtype=bool))
+        logits = jnp.where(causal, logits, big_neg)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.swapaxes(probs @ vh, 1, 2)
 
 
 REMAT_POLICIES: dict[str, Any] = {

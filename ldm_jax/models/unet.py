@@ -42,10 +42,16 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         attention_resolutions=(1, 2, 4, 8), num_heads=8, use_scale_shift_norm=True, resblock_updown=True,
         use_spatial_transformer=False,
     ),
-    # class-conditional ImageNet LDM-4: the class embedding (1001 -> 512) is a separate cond stage fed as context
-    "ldm4-cin256-v2": dict(
+    # class-conditional ImageNet: the class embedding (ClassEmbedder 1000 -> 512) is a separate cond stage whose
+    # output is the cross-attention context. "ldm-cin256-v2" is the released checkpoint's config (VQ-f8 latents,
+    # 32x32x4, models/ldm/cin256-v2/config.yaml); "ldm4-cin256" the paper's LDM-4 (VQ-f4, ch 192, mult 1,2,3,5).
+    "ldm-cin256-v2": dict(
+        in_channels=4, out_channels=4, model_channels=256, channel_mult=(1, 2, 4), num_res_blocks=2,
+        attention_resolutions=(4, 2, 1), num_heads=-1, num_head_channels=32, transformer_depth=1, context_dim=512,
+    ),
+    "ldm4-cin256": dict(
         in_channels=3, out_channels=3, model_channels=192, channel_mult=(1, 2, 3, 5), num_res_blocks=2,
-        attention_resolutions=(8, 4, 2), num_heads=1, transformer_depth=1, context_dim=512,
+        attention_resolutions=(8, 4, 2), num_heads=-1, num_head_channels=32, transformer_depth=1, context_dim=512,
     ),
     "ldm-kl8-txt2img": {**_SD1, "context_dim": 1280},
     # small enough to train on a CPU; text-conditioned like SD

@@ -144,3 +144,31 @@ def test_sigterm_saves_and_kill9_resumes(setup, tmp_path):
     assert int(state.step) == latest == meta["step"] and data_state == {"index": latest}
     n = min(len(a["losses"]), 6)  # same config and data: the subprocess ran the in-process run's steps exactly
     assert a["losses"][:n] == full.losses[:n] and n >= 2
+
+
+def test_first_stage_from_autoencoder_workdir(tmp_path):
+    """An autoencoder workdir's params["ae"] becomes the LDM's frozen first stage; mismatched kwargs fail early."""
+    from flax import linen as nn
+
+    from ldm_jax.training import ldm_io
+    from ldm_jax.training.objective import ConfigError
+
+    objective = shared_objective("test")
+    abstract = nn.meta.unbox(jax.eval_shape(objective.init, jax.random.key(0)))["frozen"]["first_stage"]
+    rng = np.random.default_rng(0)
+    ae = jax.tree_util.tree_map(lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)
+    kwargs = objective.config.first_stage.kwargs.to_dict()
+    state = st.TrainState(step=np.int32(7), params={"ae": ae}, opt_state={"ae": {"count": np.int32(7)}}, ema={},
+                          frozen={"lpips": {"w": np.ones(2, np.float32)}}, extra={"x": np.float32(0)},
+                          rng=np.zeros(2, np.uint32))
+    ck = Checkpointer(tmp_path / "ae" / "checkpoints", async_save=False)
+    ck.save(7, state, {}, {"objective": "autoencoder", "config": {"ema_groups": []},
+                           "first_stage": {"kind": "kl", "kwargs": kwargs}})
+    ck.close()
+    config = tiny_config("test", **{"first_stage.checkpoint": str(tmp_path / "ae")})
+    ldm_io.check_first_stage(config)
+    loaded = ldm_io.load_first_stage(config, objective.first_stage, abstract)
+    assert max_diff(loaded, ae) == 0.0
+    bad = tiny_config("test", **{"first_stage.checkpoint": str(tmp_path / "ae"), "first_stage.kwargs.z_channels": 8})
+    with pytest.raises(ConfigError, match="z_channels"):
+        ldm_io.load_first_stage(bad, objective.first_stage, abstract)

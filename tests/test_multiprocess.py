@@ -35,7 +35,7 @@ def test_two_processes_match_one_process(tmp_path):
                str(tmp_path / "mp.json"), "4,2,1"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
-        outs = [p.communicate(timeout=420)[0] for p in procs]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
     except subprocess.TimeoutExpired:
         pytest.fail("multi-process workers timed out")
     finally:

@@ -80,18 +80,19 @@ def read_workdir_params(workdir: str | pathlib.Path, group: str, abstract: Any, 
     plain = nn.meta.unbox(abstract)
     target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd.replicated(mesh)), plain)
     path = ckpt.directory / str(step) / "state"
-    for field in (("ema", "params") if use_ema else ("params",)):
-        item = {field: {group: target}}
-        try:
-            restored = ocp.PyTreeCheckpointer().restore(
-                path, args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                                  partial_restore=True))
-            ckpt.close()
-            return restored[field][group], meta
-        except (KeyError, ValueError, TypeError, FileNotFoundError):  # TypeError: an empty EMA tree
-            continue
-    ckpt.close()
-    raise ConfigError(f"{workdir}: its checkpoint has no parameter group {group!r} (is it the right kind of workdir?)")
+    ema_groups = (meta.get("config") or {}).get("ema_groups") or (["model"] if meta.get("objective") == "ldm" else [])
+    field = "ema" if use_ema and group in ema_groups else "params"
+    item = {field: {group: target}}
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            path, args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                              partial_restore=True))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{workdir}: its checkpoint has no {field}[{group!r}] of the expected shapes ({e}); is it "
+                          "the right kind of workdir, trained with the same first_stage.kwargs?") from None
+    finally:
+        ckpt.close()
+    return restored[field][group], meta
 
 
 def load_first_stage(config: ml_collections.ConfigDict, module: nn.Module, abstract: Any) -> Any:

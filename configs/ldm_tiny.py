@@ -30,6 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.cond.text = dict(vocab_size=1000, width=64, layers=2, heads=4, mlp_dim=128, max_length=16, act="gelu",
                        causal=False)
     c.cond.text_trainable = True  # LDM-KL-8-G style: the text encoder is trained jointly from scratch
+    c.cond.tokenizer = "train"  # a BPE learned from the captions, kept as WORKDIR/tokenizer.json
     c.optim.lr = 2e-4
     c.optim.weight_decay = 0.0
     c.ema.decay = 0.999
@@ -50,6 +51,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.first_stage.kwargs.resolution = 8
         c.first_stage.kwargs.mid_attn = False
         c.first_stage.checkpoint = "random"
+        c.cond.tokenizer = ""  # the tests feed token ids directly
         c.cond.text = dict(vocab_size=64, width=32, layers=1, heads=2, mlp_dim=32, max_length=8, act="gelu",
                            causal=False)
         c.progress = False

@@ -62,9 +62,11 @@ def main(argv: list[str]) -> None:
 
     sharding.initialize_distributed()
     cfg = flags.FLAGS.config
+    from ldm_jax.data.builders import DataError
+
     try:
         run(cfg, flags.FLAGS.workdir)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         logging.error("%s", e)
         sys.exit(f"config error: {e}")
 
@@ -83,4 +85,9 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     _define_flags()
-    app.run(main)
+    try:
+        app.run(main)
+    except (KeyError, AttributeError) as e:  # ml_collections rejects an unknown --config.<key> while parsing flags
+        overrides = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+        sys.exit(f"config error: unknown config key {str(e).strip(chr(34))} among {overrides}: check its spelling "
+                 "against the config file (configs are locked: a typo cannot silently add a new key)")

@@ -191,3 +191,7 @@ def test_bad_configs_fail_before_compiling(tmp_path):
         ldm.build(config).validate(None)
     with pytest.raises(AttributeError):
         tiny_config("test").unet.no_such_key = 1  # locked configs reject unknown keys
+    from training_utils import load_config
+
+    with pytest.raises(ConfigError, match=r"(?s)first_stage.checkpoint.*data.path.*configs/shapes.py.*text_checkpoint"):
+        ldm.build(load_config("ldm_f8")).validate(None)

@@ -244,7 +244,14 @@ class LDMObjective:
         """Checks paths before anything is compiled."""
         from ldm_jax.training import ldm_io
 
-        ldm_io.check_first_stage(self.config)
+        problems = []
+        for check in (ldm_io.check_first_stage, ldm_io.check_data, ldm_io.check_text):
+            try:
+                check(self.config)
+            except ConfigError as e:
+                problems.append(str(e))
+        if problems:
+            raise ConfigError("\n  - ".join(["the config cannot run:"] + problems))
 
     def load_pretrained(self, state: TrainState, mesh) -> TrainState:
         from ldm_jax.training import ldm_io

@@ -53,6 +53,30 @@ def check_first_stage(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"autoencoder workdir {path} has no complete checkpoint yet: {HOW_TO_FIRST_STAGE}")
 
 
+def check_data(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError when an image folder named by the data config is missing."""
+    d = config.data
+    if d.get("source") == "folder" and (not d.path or not pathlib.Path(d.path).expanduser().is_dir()):
+        raise ConfigError(
+            f"data.source='folder' but data.path={d.path!r} is not a folder of images: point it at your data with "
+            "--config.data.path=DIR (captions in <image>.txt or metadata.jsonl), use a tfds dataset with "
+            "--config.data.source=tfds --config.data.name=NAME, or train on the built-in dataset with "
+            "--config=configs/shapes.py")
+
+
+def check_text(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError when a frozen text encoder has no weights."""
+    c = config.cond
+    if c.type != "text":
+        return
+    if not c.text_trainable and not c.text_checkpoint:
+        raise ConfigError("the text encoder is frozen (cond.text_trainable=False) but cond.text_checkpoint is empty: "
+                          "point it at a CLIP text encoder (a transformers folder, an SD diffusers folder or a "
+                          "single-file SD checkpoint), or set --config.cond.text_trainable=True")
+    if c.text_checkpoint and not pathlib.Path(c.text_checkpoint).expanduser().exists():
+        raise ConfigError(f"cond.text_checkpoint={c.text_checkpoint!r} does not exist")
+
+
 def _compare_kwargs(found: dict, expected: dict, where: str) -> None:
     diff = {k: (found[k], expected.get(k)) for k in found
             if k in expected and tuple(np.atleast_1d(found[k])) != tuple(np.atleast_1d(expected[k]))}

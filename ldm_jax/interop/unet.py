@@ -239,6 +239,10 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     for k, want in _DIFFUSERS_FIXED.items():
         if k in cfg and cfg[k] != want and not (isinstance(cfg[k], list) and not any(cfg[k])):
             raise ValueError(f"diffusers UNet config {k}={cfg[k]!r} is not supported (only {want!r})")
+    if cfg.get("act_fn", "silu") != "silu":
+        raise ValueError(f"diffusers UNet config act_fn={cfg['act_fn']!r} is not supported (only 'silu')")
+    if cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
+        raise ValueError(f"diffusers UNet config mid_block_type={cfg['mid_block_type']!r} is not supported")
     bo = list(cfg["block_out_channels"])
     mc = bo[0]
     if any(c % mc for c in bo):

@@ -272,7 +272,8 @@ class LDMObjective:
 
 def build(config: ml_collections.ConfigDict, tokenizer: Any = None, workdir: Any = None) -> LDMObjective:
     """The LDM objective of `config` (the tokenizer comes from `cond.tokenizer` when not given)."""
-    if tokenizer is None and config.cond.type == "text" and config.cond.get("tokenizer"):
+    trained_without_workdir = str(config.cond.get("tokenizer")) == "train" and workdir is None  # shape-only builds
+    if tokenizer is None and config.cond.type == "text" and config.cond.get("tokenizer") and not trained_without_workdir:
         from ldm_jax.training import ldm_io
 
         tokenizer = ldm_io.load_tokenizer(config, workdir)

@@ -38,7 +38,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     ae = _autoencoder_config("test" if smoke else "")
     with ae.unlocked():
         ae.data.flip = False
-        ae.num_steps = 4 if smoke else 1500
+        ae.num_steps = 4 if smoke else 800
+        if not smoke:  # a quarter of the preset's compute (ch 16); flat colors need little
+            ae.model.overrides = dict(ch=16, norm_groups=8)
         ae.loss.disc_start = 10**9  # no GAN: L1 on flat colors is enough and keeps the stage short
         ae.loss.disc_factor = 0.0
         ae.eval.every = 0

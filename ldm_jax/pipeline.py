@@ -135,7 +135,8 @@ class Pipeline:
         self._programs: dict[_Static, Callable] = {}
         self.trace_count = 0  # incremented each time a program is traced (tests count recompiles)
         # Image side used when generate() gets no height/width (SD1: 512; our small models: their data size).
-        self.default_size = int(default_size or getattr(vae, "resolution", 512))
+        # Not the VAE's `resolution`: that is the CompVis training value (256 for SD's VAE), not an image size.
+        self.default_size = int(default_size or 512)
 
     # ------------------------------------------------------------------ set-up
     @classmethod

@@ -78,8 +78,10 @@ def check_text(config: ml_collections.ConfigDict) -> None:
 
 
 def _compare_kwargs(found: dict, expected: dict, where: str) -> None:
-    diff = {k: (found[k], expected.get(k)) for k in found
-            if k in expected and tuple(np.atleast_1d(found[k])) != tuple(np.atleast_1d(expected[k]))}
+    from ldm_jax.interop import vae
+
+    # architecture_diff compares attention by level, not by CompVis `resolution` (which files do not record).
+    diff = vae.architecture_diff(found, expected)
     if diff:
         raise ConfigError(f"first stage in {where} does not match config.first_stage.kwargs: "
                           + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())

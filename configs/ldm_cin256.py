@@ -1,4 +1,4 @@
-"""Class-conditional ImageNet LDM-4 (configs/latent-diffusion/cin256-v2.yaml): VQ-f4 latents 64x64x3,
+"""Class-conditional ImageNet LDM-4 of the LDM paper (UNet preset ldm4-cin256): VQ-f4 latents 64x64x3,
 a class embedder (1001 -> 512, the last row is the null class for guidance) used as cross-attention context.
 
 Needs --config.first_stage.checkpoint (a VQ-f4 autoencoder: configs/autoencoder_*.py workdir) and ImageNet
@@ -18,7 +18,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.global_batch_size = 1024
     c.num_steps = 500_000
     c.dtype = "bfloat16"
-    c.unet = dict(UNET_PRESETS["ldm4-cin256-v2"])
+    c.unet = dict(UNET_PRESETS["ldm4-cin256"])
     c.first_stage.kwargs = dict(VAE_PRESETS["vq-f4"])
     c.first_stage.scale_factor = 1.0
     c.cond.type = "class"

@@ -215,107 +215,114 @@ def train(
     ckpt = Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep, keep_period=ck.keep_period or None,
                         async_save=ck.async_save)
     abstract, state_sh = state_shardings(objective, mesh, config.seed)
-    if dataset is None:
+    own_dataset = dataset is None
+    if own_dataset:
         dataset = objective.make_dataset(mesh)
 
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state, _ = ckpt.restore(latest, abstract_with_shardings(abstract, state_sh))
-        if data_state and hasattr(dataset, "set_state"):
-            dataset.set_state(data_state)
-        log.info("resumed from %s at step %d", ckpt.directory, latest)
-        first_batch = None
-    else:
-        state = create_state(objective, mesh, config.seed)
-        if hasattr(objective, "load_pretrained"):
-            state = objective.load_pretrained(state, mesh)
-        first_batch = next(dataset)
-        if hasattr(objective, "prepare"):
-            state = jax.jit(objective.prepare, out_shardings=state_sh)(state, first_batch)
+    bar = writer = None
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            state, data_state, _ = ckpt.restore(latest, abstract_with_shardings(abstract, state_sh))
+            if data_state and hasattr(dataset, "set_state"):
+                dataset.set_state(data_state)
+            log.info("resumed from %s at step %d", ckpt.directory, latest)
+            first_batch = None
+        else:
+            state = create_state(objective, mesh, config.seed)
+            if hasattr(objective, "load_pretrained"):
+                state = objective.load_pretrained(state, mesh)
+            first_batch = next(dataset)
+            if hasattr(objective, "prepare"):
+                state = jax.jit(objective.prepare, out_shardings=state_sh)(state, first_batch)
 
-    start = int(jax.device_get(state.step))
-    total = int(config.num_steps)
-    stop_at = total if max_steps is None else min(total, max_steps)
-    batch = first_batch if first_batch is not None else next(dataset)
-    step_fn = jit_train_step(objective, config, mesh, state_sh, batch)
-    keygen = jax.jit(step_key, out_shardings=shd.replicated(mesh))
-    hooks = list(objective.hooks()) if hasattr(objective, "hooks") else []
-    writer = _writer(workdir)
-    meta = {"objective": objective.name, "config": json.loads(config.to_json_best_effort())}
+        start = int(jax.device_get(state.step))
+        total = int(config.num_steps)
+        stop_at = total if max_steps is None else min(total, max_steps)
+        batch = first_batch if first_batch is not None else next(dataset)
+        step_fn = jit_train_step(objective, config, mesh, state_sh, batch)
+        keygen = jax.jit(step_key, out_shardings=shd.replicated(mesh))
+        hooks = list(objective.hooks()) if hasattr(objective, "hooks") else []
+        writer = _writer(workdir)
+        meta = {"objective": objective.name, "config": json.loads(config.to_json_best_effort())}
 
-    losses: list[float] = []
-    pending: tuple[int, dict] | None = None
-    window: list[dict] = []
-    last_good = latest
-    t_window = time.perf_counter()
-    bar = _progress(config, start, total)
-    stopped = "done"
+        losses: list[float] = []
+        pending: tuple[int, dict] | None = None
+        window: list[dict] = []
+        last_good = latest
+        t_window = time.perf_counter()
+        bar = _progress(config, start, total)
+        stopped = "done"
 
-    def check(step: int, metrics: dict) -> None:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if config.stop_on_nan and not math.isfinite(host["loss"]):
-            ckpt.wait()
-            where = f"the last good checkpoint is step {last_good} in {ckpt.directory}" if last_good is not None else "no checkpoint was saved yet"
-            raise FloatingPointError(
-                f"loss is {host['loss']} at step {step}; stopping ({where}). Lower optim.lr, raise optim.clip_norm "
-                f"protection or check the data; re-running the same command resumes from that checkpoint."
-            )
-        losses.append(host["loss"])
-        window.append(host)
+        def check(step: int, metrics: dict) -> None:
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if config.stop_on_nan and not math.isfinite(host["loss"]):
+                ckpt.wait()
+                where = f"the last good checkpoint is step {last_good} in {ckpt.directory}" if last_good is not None else "no checkpoint was saved yet"
+                raise FloatingPointError(
+                    f"loss is {host['loss']} at step {step}; stopping ({where}). Lower optim.lr, raise optim.clip_norm "
+                    f"protection or check the data; re-running the same command resumes from that checkpoint."
+                )
+            losses.append(host["loss"])
+            window.append(host)
 
-    def save(step: int, force: bool) -> None:
-        nonlocal last_good
-        if last_good == step:
-            return
-        data_state = dataset.get_state() if hasattr(dataset, "get_state") else None
-        extra = objective.export(state) if hasattr(objective, "export") else {}
-        if ckpt.save(step, state, data_state, {**meta, **extra, "step": step}, force=force):
-            last_good = step
+        def save(step: int, force: bool) -> None:
+            nonlocal last_good
+            if last_good == step:
+                return
+            data_state = dataset.get_state() if hasattr(dataset, "get_state") else None
+            extra = objective.export(state) if hasattr(objective, "export") else {}
+            if ckpt.save(step, state, data_state, {**meta, **extra, "step": step}, force=force):
+                last_good = step
 
-    with _Preemption() as preempt:
-        step = start
-        while step < stop_at:
-            key = keygen(state.rng, step)
-            state, metrics = step_fn(state, batch, key)
-            step += 1
-            if pending is not None:  # read the previous step's metrics while this one runs
-                check(*pending)
-            pending = (step, metrics)
-            due_save = step % max(int(ck.every), 1) == 0 or step == total
-            if due_save or any(h.due(step, total) for h in hooks) or step % config.log_every == 0 or step == stop_at:
-                check(*pending)
-                pending = None
-            if step % config.log_every == 0 or step == stop_at:
-                t_now = time.perf_counter()
-                _log(writer, objective, window, step, config.global_batch_size, t_now - t_window)
-                if bar is not None and window:
-                    bar.set_postfix(loss=f"{window[-1]['loss']:.4f}",
-                                    img_s=f"{len(window) * config.global_batch_size / max(t_now - t_window, 1e-9):.1f}")
-                window, t_window = [], t_now
-            if bar is not None:
-                bar.update(1)
-            if due_save:
-                save(step, force=step == total)
-            for h in hooks:
-                if h.due(step, total):
-                    h.fn(HookContext(step, state, mesh, workdir, writer, objective))
-            if preempt.requested():
-                if pending is not None:
+        with _Preemption() as preempt:
+            step = start
+            while step < stop_at:
+                key = keygen(state.rng, step)
+                state, metrics = step_fn(state, batch, key)
+                step += 1
+                if pending is not None:  # read the previous step's metrics while this one runs
+                    check(*pending)
+                pending = (step, metrics)
+                due_save = step % max(int(ck.every), 1) == 0 or step == total
+                if due_save or any(h.due(step, total) for h in hooks) or step % config.log_every == 0 or step == stop_at:
                     check(*pending)
                     pending = None
-                save(step, force=True)
-                stopped = "preempted"
-                log.warning("SIGTERM: saved step %d to %s, exiting", step, ckpt.directory)
-                break
-            if step < stop_at:
-                batch = next(dataset)
-        if pending is not None:
-            check(*pending)
-    ckpt.close()
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
+                if step % config.log_every == 0 or step == stop_at:
+                    t_now = time.perf_counter()
+                    _log(writer, objective, window, step, config.global_batch_size, t_now - t_window)
+                    if bar is not None and window:
+                        bar.set_postfix(loss=f"{window[-1]['loss']:.4f}",
+                                        img_s=f"{len(window) * config.global_batch_size / max(t_now - t_window, 1e-9):.1f}")
+                    window, t_window = [], t_now
+                if bar is not None:
+                    bar.update(1)
+                if due_save:
+                    save(step, force=step == total)
+                for h in hooks:
+                    if h.due(step, total):
+                        h.fn(HookContext(step, state, mesh, workdir, writer, objective))
+                if preempt.requested():
+                    if pending is not None:
+                        check(*pending)
+                        pending = None
+                    save(step, force=True)
+                    stopped = "preempted"
+                    log.warning("SIGTERM: saved step %d to %s, exiting", step, ckpt.directory)
+                    break
+                if step < stop_at:
+                    batch = next(dataset)
+            if pending is not None:
+                check(*pending)
+    finally:
+        ckpt.close()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        # The prefetch thread is a daemon: left running, it can touch JAX during interpreter shutdown and abort.
+        if own_dataset and hasattr(dataset, "close"):
+            dataset.close()
     return TrainResult(state=state, losses=losses, stopped=stopped, start_step=start)
 
 

@@ -13,9 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 CONFIGS = {
     # a ~35M-parameter 4-level SD-style UNet at 32x32 latents (the REFERENCE.md small case)

@@ -142,8 +142,13 @@ def test_sigterm_saves_and_kill9_resumes(setup, tmp_path):
     state, data_state, meta = c.restore(latest, abstract_with_shardings(abstract, sh))
     c.close()
     assert int(state.step) == latest == meta["step"] and data_state == {"index": latest}
-    n = min(len(a["losses"]), 6)  # same config and data: the subprocess ran the in-process run's steps exactly
-    assert a["losses"][:n] == full.losses[:n] and n >= 2
+    # Same config and data: the subprocess ran the in-process run's steps. It is compiled in a process with 1 host
+    # device instead of 8, and XLA:CPU may then round a reduction differently (seen once: 6e-8 at step 5), so this
+    # cross-process check allows float32 rounding; bit-exact resume is checked in-process by
+    # test_resume_reproduces_uninterrupted_losses.
+    n = min(len(a["losses"]), 6)
+    assert n >= 2
+    np.testing.assert_allclose(a["losses"][:n], full.losses[:n], rtol=1e-6, atol=0)
 
 
 def test_first_stage_from_autoencoder_workdir(tmp_path):

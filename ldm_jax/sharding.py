@@ -146,3 +146,96 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda idx: x[idx])
 
     return jax.tree_util.tree_map(put, batch)
+
+
+# ------------------------------------------------------------------------------- draws inside a shard_map
+# A `shard_map` body sees its block of the batch, so a draw of the local shape would give values that depend
+# on the device count. `block_key` wraps a threefry key into one whose draws of shape (rows, ...) are exactly
+# rows [index * rows, (index + 1) * rows) of the same draw made for the whole batch outside the shard_map
+# (JAX's partitionable threefry, the default, hashes each element's flat position in the global array; this
+# impl hashes the global position of each local element). Only per-sample draws (leading axis = the local
+# batch) have a global meaning; any other shape raises instead of silently drawing something mesh-dependent.
+_BLOCK_IMPLS: dict[int, Any] = {}
+
+
+def _u32(x) -> jax.Array:
+    return jax.numpy.asarray(x, jax.numpy.uint32)
+
+
+def _mul_u32_const(a: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
+    """(hi, lo) of the 64-bit product of uint32 `a` and the constant 0 <= c < 2**32, in uint32 arithmetic."""
+    a_lo, a_hi = a & _u32(0xFFFF), a >> _u32(16)
+    c_lo, c_hi = _u32(c & 0xFFFF), _u32(c >> 16)
+    ll, hh = a_lo * c_lo, a_hi * c_hi
+    m1, m2 = a_hi * c_lo, a_lo * c_hi
+    mid = m1 + m2
+    carry_mid = (mid < m1).astype(jax.numpy.uint32)
+    lo = ll + (mid << _u32(16))
+    carry_lo = (lo < ll).astype(jax.numpy.uint32)
+    hi = hh + (mid >> _u32(16)) + (carry_mid << _u32(16)) + carry_lo
+    return hi, lo
+
+
+def _block_impl(rows: int):
+    if rows in _BLOCK_IMPLS:
+        return _BLOCK_IMPLS[rows]
+    import math
+
+    from jax import lax
+    from jax.extend import random as jex_random
+
+    fry = jex_random.threefry_prng_impl
+    jnp = jax.numpy
+
+    def seed(s):
+        raise TypeError("block keys are made with sharding.block_key, not seeded")
+
+    def split(kd, shape):
+        children = fry.split(kd[:2], shape)
+        return jnp.concatenate([children, jnp.broadcast_to(kd[2:], (*shape, 2))], axis=-1)
+
+    def fold_in(kd, data):
+        return jnp.concatenate([fry.fold_in(kd[:2], data), kd[2:]])
+
+    def random_bits(kd, bit_width, shape):
+        shape = tuple(int(d) for d in shape)
+        if not shape or shape[0] != rows:
+            raise ValueError(
+                f"a random draw of shape {shape} inside the shard_map'd gradient accumulation is not per-sample "
+                f"(leading axis = the {rows} local samples), so it has no mesh-independent value; draw it outside "
+                "the step or set optim.accum_shard_map=False"
+            )
+        inner = math.prod(shape[1:])
+        if rows * inner >= 2**32:
+            raise ValueError(f"a local random draw of {rows * inner} elements is too large for block_key")
+        strides = [inner] + [math.prod(shape[d + 1:]) for d in range(1, len(shape))]
+        local = sum(lax.broadcasted_iota(jnp.uint32, shape, d) * _u32(s) for d, s in enumerate(strides))
+        base_hi, base_lo = _mul_u32_const(kd[2], rows * inner)  # global flat position of the block's first element
+        lo = base_lo + local
+        hi = base_hi + (lo < base_lo).astype(jnp.uint32)
+        hi = jnp.broadcast_to(hi, shape)
+        bits1, bits2 = jex_random.threefry2x32_p.bind(kd[0], kd[1], hi, lo)
+        if bit_width == 64:
+            return (bits1.astype(jnp.uint64) << jnp.uint64(32)) | bits2.astype(jnp.uint64)
+        dtype = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bit_width]
+        return (bits1 ^ bits2).astype(dtype)
+
+    impl = jex_random.define_prng_impl(key_shape=(4,), seed=seed, split=split, random_bits=random_bits,
+                                       fold_in=fold_in, name=f"threefry2x32_block{rows}", tag=f"fb{rows}")
+    _BLOCK_IMPLS[rows] = impl
+    return impl
+
+
+def block_key(key: jax.Array, index: jax.Array, rows: int) -> jax.Array:
+    """A key whose per-sample draws of shape (rows, ...) equal rows [index*rows, (index+1)*rows) of `key`'s.
+
+    `key` is a threefry key (typed or raw uint32[2]); `index` is this block's position in the batch (in a
+    `shard_map`, `lax.axis_index` of the batch axes). Splits and fold_ins act on the threefry part only,
+    so `split`/`fold_in` then draw gives what the same calls give on the global batch.
+    """
+    jnp = jax.numpy
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    if data.shape != (2,):
+        raise ValueError(f"block_key needs a single threefry2x32 key, got key data of shape {data.shape}")
+    extra = jnp.stack([_u32(index), _u32(0)])
+    return jax.random.wrap_key_data(jnp.concatenate([data.astype(jnp.uint32), extra]), impl=_block_impl(rows))

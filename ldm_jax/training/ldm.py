@@ -15,12 +15,18 @@ partitionable threefry (the default) makes each device generate only its own sha
 draw with no cross-device traffic, and the values do not depend on the mesh, so a (data 4 × fsdp 2) run
 equals a one-device run and a checkpoint resumes exactly on another mesh. Per-device draws in a
 `shard_map` (fold_in(axis_index)) would also avoid communication but would tie the noise to the
-device count, so they buy nothing here; see tests/test_training.py::test_noise_draw_has_no_collectives.
-The data-parallel gradient reduction is left to XLA's partitioner too: it all-reduces (DP) or
-reduce-scatters (FSDP) the gradients itself. One place where a `shard_map` would pay is gradient
-accumulation on a pure data-parallel mesh: the compiled scan all-reduces the gradients once per
-micro-batch (the collective sits inside the loop body), where a per-device accumulation would reduce
-once per step; it is not done yet because draws inside a shard_map would have to be per device.
+device count; see tests/test_training.py::test_noise_draw_has_no_collectives.
+
+Gradient reduction: with grad_accum = 1 it is left to XLA's partitioner, which all-reduces (DP) or
+reduce-scatters (FSDP) the gradients itself. With grad_accum > 1 under the partitioner, the compiled
+`lax.scan` all-reduces the gradients inside the loop body, once per micro-batch. So when a mesh with
+data > 1 is in context (`jax.set_mesh(mesh)` around tracing) `optim.accumulate` runs a `jax.shard_map`
+manual over `data` (fsdp/tensor stay automatic inside): each data replica accumulates the gradients of
+its own micro-batch blocks and one `psum` over `data` follows the loop (`optim.accumulate_shard_map`).
+Its draws use `sharding.block_key`, whose per-sample draws are exactly the replica's rows of the global
+draw, so the step still equals the one-device step on any mesh (every draw in `loss` is per-sample; a
+draw of another shape raises). `optim.accum_shard_map=False` keeps the scan path. The compiled HLO of
+both is checked in tests/test_accumulate_shard_map.py; bench/bench_accum.py times them.
 """
 from __future__ import annotations
 
@@ -216,7 +222,11 @@ class LDMObjective:
 
     def train_step(self, state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, dict]:
         loss_fn = lambda p, b, k: self.loss(p, state, b, k)  # noqa: E731
-        loss, metrics, grads = optim.accumulate(loss_fn, state.params["model"], batch, key, self.config.optim.grad_accum)
+        # shard_map'd accumulation (one gradient reduction per step) when a data-parallel mesh is in context
+        # (jax.set_mesh); `optim.accum_shard_map=False` keeps the lax.scan under the partitioner
+        o = self.config.optim
+        loss, metrics, grads = optim.accumulate(loss_fn, state.params["model"], batch, key, o.grad_accum,
+                                                shard_map=bool(o.get("accum_shard_map", True)))
         state, gnorm = apply_gradients(state, "model", grads, self.tx)
         return state, {"loss": loss, "grad_norm": gnorm, **metrics}
 

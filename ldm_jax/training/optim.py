@@ -1,5 +1,14 @@
 """Optimizers and learning-rate schedules built from optax, and gradient accumulation with `lax.scan`.
 
+Gradient accumulation has two paths with the same results (`accumulate`):
+  scan        the micro-batches of the global batch in a `lax.scan` under the automatic partitioner; on a
+              data-parallel mesh XLA reduces the gradients inside the loop body, once per micro-batch.
+  shard_map   (`accumulate_shard_map`, the default for grad_accum > 1 when a mesh with data > 1 is in
+              context) each data-parallel replica scans the micro-batches of its own batch block and the
+              gradients are summed over `data` once, after the loop. fsdp/tensor stay automatic inside (their
+              per-micro-batch all-gather/reduce-scatter is what FSDP/TP trade for memory). Random draws use
+              `sharding.block_key`, so they equal the scan path's global-batch draws on any mesh.
+
 Schedules reproduce LDM's `ldm/lr_scheduler.py` (multipliers of the base lr, stepped once per update):
   "constant"      f = 1
   "sd_linear"     `LambdaLinearScheduler` (one cycle): linear warm-up f_start -> f_max over warmup_steps,
@@ -12,10 +21,18 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import logging
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import PartitionSpec as P
+
+from ldm_jax import sharding as shd
+
+log = logging.getLogger("ldm_jax.train")
 
 SCHEDULES = ("constant", "sd_linear", "ldm_cosine")
 
@@ -40,6 +57,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
             cycle_length=10_000_000_000_000,
             decay_steps=100_000,
             grad_accum=1,  # micro-batches per update (the global batch is split, gradients averaged)
+            accum_shard_map=True,  # grad_accum > 1 on a data-parallel mesh: reduce gradients once per step
         )
     )
 
@@ -89,37 +107,120 @@ def make_optimizer(
     return opt, schedule
 
 
+LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+ACCUM_AXES = ("data",)  # the shard_map'd accumulation is manual over these mesh axes, automatic over the rest
+
+
 def accumulate(
-    loss_fn: Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]],
+    loss_fn: LossFn,
     params: Any,
     batch: dict[str, jax.Array],
     key: jax.Array,
     num_micro: int,
+    *,
+    mesh: Any = None,
+    shard_map: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
     """Mean loss, mean metrics and mean gradients of `loss_fn(params, batch, key)` over `num_micro` micro-batches.
 
     Micro-batch i takes the samples i, i + n, i + 2n, ... so that every micro-batch stays spread over the
-    data-parallel devices (a contiguous split would put each micro-batch on a subset of them).
+    data-parallel devices (a contiguous split would put each micro-batch on a subset of them), and draws
+    with `fold_in(key, i)`. With `shard_map` (and `num_micro` > 1) the work goes to `accumulate_shard_map`
+    when `shard_map_plan` accepts `mesh` (default: the context mesh of `jax.set_mesh`); else `lax.scan`.
     """
+    if shard_map and num_micro > 1:
+        mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+        reason = shard_map_plan(mesh, batch, num_micro)
+        if reason is None:
+            return accumulate_shard_map(loss_fn, params, batch, key, num_micro, mesh)
+        log.info("gradient accumulation: lax.scan under the partitioner (%s)", reason)
+    return accumulate_scan(loss_fn, params, batch, key, num_micro)
+
+
+def shard_map_plan(mesh: Any, batch: dict[str, jax.Array], num_micro: int) -> str | None:
+    """None when `accumulate_shard_map` applies to `mesh`/`batch`, else why the scan path is used."""
+    if mesh is None or getattr(mesh, "empty", False) or not mesh.shape:
+        return "no mesh in context (jax.set_mesh)"
+    if any(a not in mesh.shape for a in ACCUM_AXES):
+        return f"the mesh has no {ACCUM_AXES} axes"
+    n_dev = math.prod(mesh.shape[a] for a in ACCUM_AXES)
+    if n_dev == 1:
+        return "data axis of size 1: one reduction per micro-batch is already the only one"
+    dp = n_dev * mesh.shape.get("fsdp", 1)
+    for x in jax.tree_util.tree_leaves(batch):
+        if x.shape[0] % (dp * num_micro):
+            return f"batch {x.shape[0]} not divisible by data*fsdp*grad_accum={dp * num_micro}"
+    return None
+
+
+def _strided_split(x: jax.Array, num_micro: int) -> jax.Array:
+    """(B, ...) -> (num_micro, B / num_micro, ...) with micro-batch i = samples i, i + n, i + 2n, ..."""
+    if x.shape[0] % num_micro:
+        raise ValueError(f"batch {x.shape[0]} is not divisible by grad_accum={num_micro}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
+
+
+def _zeros_like_out(grad_fn, params, micro, key):
+    (loss0, aux0), grads0 = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro), key)
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, aux0, grads0))
+
+
+def accumulate_scan(
+    loss_fn: LossFn, params: Any, batch: dict[str, jax.Array], key: jax.Array, num_micro: int
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """`accumulate` with `lax.scan` over the global micro-batches (the partitioner places the reductions)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro == 1:
         (loss, aux), grads = grad_fn(params, batch, key)
         return loss, aux, grads
 
-    def split(x: jax.Array) -> jax.Array:
-        if x.shape[0] % num_micro:
-            raise ValueError(f"batch {x.shape[0]} is not divisible by grad_accum={num_micro}")
-        return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
-
-    micro = jax.tree_util.tree_map(split, batch)
+    micro = jax.tree_util.tree_map(lambda x: _strided_split(x, num_micro), batch)
 
     def body(carry, xs):
         i, mb = xs
         (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(key, i))
         return jax.tree_util.tree_map(jnp.add, carry, (loss, aux, grads)), None
 
-    zeros = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro), key)
-    (loss0, aux0), grads0 = zeros
-    init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, aux0, grads0))
+    init = _zeros_like_out(grad_fn, params, micro, key)
     total, _ = jax.lax.scan(body, init, (jnp.arange(num_micro), micro))
     return jax.tree_util.tree_map(lambda x: x / num_micro, total)
+
+
+def accumulate_shard_map(
+    loss_fn: LossFn, params: Any, batch: dict[str, jax.Array], key: jax.Array, num_micro: int, mesh: Any
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """`accumulate` with the cross-replica gradient sum once per step instead of once per micro-batch.
+
+    A `jax.shard_map` manual over `data` (fsdp/tensor stay automatic): each replica splits its batch block
+    the strided way (its micro-batch i is exactly its block of the global micro-batch i), sums loss, metrics
+    and gradients over a `lax.scan`, and one `psum` over `data` after the scan averages them. Draws use
+    `sharding.block_key(fold_in(key, i), replica, rows)`, i.e. the global micro-batch's values, so the
+    result equals `accumulate_scan` up to float summation order. `loss_fn` must be a mean over the samples
+    of its micro-batch (blocks are equal-sized, so the mean of block means is the global mean) and draw
+    only per-sample randoms (others raise).
+    """
+    axes = ACCUM_AXES
+    n_dev = math.prod(mesh.shape[a] for a in axes)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def local(params, batch, key):
+        replica = jax.lax.axis_index(axes)
+        # varying params: their gradients stay per-replica (no implicit psum inside the loop)
+        params = jax.lax.pcast(params, axes, to="varying")
+        micro = jax.tree_util.tree_map(lambda x: _strided_split(x, num_micro), batch)
+        rows = jax.tree_util.tree_leaves(micro)[0].shape[1]
+
+        def body(carry, xs):
+            i, mb = xs
+            k = shd.block_key(jax.random.fold_in(key, i), replica, rows)
+            (loss, aux), grads = grad_fn(params, mb, k)
+            return jax.tree_util.tree_map(jnp.add, carry, (loss, aux, grads)), None
+
+        init = _zeros_like_out(grad_fn, params, micro, shd.block_key(key, replica, rows))
+        init = jax.lax.pcast(init, axes, to="varying")
+        total, _ = jax.lax.scan(body, init, (jnp.arange(num_micro), micro))
+        total = jax.lax.psum(total, axes)  # the one cross-replica reduction of the step
+        return jax.tree_util.tree_map(lambda x: x / (num_micro * n_dev), total)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes), P()), out_specs=P(), axis_names=set(axes),
+                         check_vma=True)(params, batch, key)

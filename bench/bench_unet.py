@@ -5,7 +5,8 @@ Same config and weights (diffusers' random init, copied with our converter), sam
     python3 bench/bench_unet.py --config small --reps 5
     python3 bench/bench_unet.py --config sd1 --reps 3 [--backward]
 
-Prints the median times, the ratio ours/PyTorch (< 1 means we are faster) and our compile time.
+Prints the median times (ours and PyTorch's calls alternate), the ratio ours/PyTorch (< 1 means we are faster),
+our compile time and the 1-minute load average (the ratio is only meaningful on otherwise idle cores).
 Needs torch + diffusers (requirements-dev.txt).
 """
 from __future__ import annotations
@@ -29,13 +30,15 @@ CONFIGS = {
 }
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
+def _median_times(fns, reps: int) -> list[float]:
+    """Median time of each fn, calling them in turn rep by rep (load changes on a shared machine hit all alike)."""
+    times = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -89,10 +92,9 @@ def main() -> None:
         with torch.no_grad():
             ref(tx, tt, encoder_hidden_states=tc)
 
-    ours = _median_time(lambda: fwd_c(params, jx, jt, jc).block_until_ready(), args.reps)
-    theirs = _median_time(torch_fwd, args.reps)
+    ours, theirs = _median_times([lambda: fwd_c(params, jx, jt, jc).block_until_ready(), torch_fwd], args.reps)
     print(f"forward: ours {ours:.3f}s  diffusers {theirs:.3f}s  ratio {ours / theirs:.2f}  "
-          f"(compile {compile_fwd:.1f}s, max rel diff {err:.1e})")
+          f"(compile {compile_fwd:.1f}s, max rel diff {err:.1e}, load average {os.getloadavg()[0]:.2f})")
 
     if args.backward:
         loss = lambda p, x, t, c: jnp.mean(model.apply({"params": p}, x, t, c) ** 2)  # noqa: E731
@@ -105,8 +107,8 @@ def main() -> None:
             ref.zero_grad(set_to_none=True)
             ref(tx, tt, encoder_hidden_states=tc).sample.pow(2).mean().backward()
 
-        ours_b = _median_time(lambda: jax.block_until_ready(grad_c(params, jx, jt, jc)), args.reps)
-        theirs_b = _median_time(torch_bwd, args.reps)
+        ours_b, theirs_b = _median_times([lambda: jax.block_until_ready(grad_c(params, jx, jt, jc)), torch_bwd],
+                                         args.reps)
         print(f"forward+backward: ours {ours_b:.3f}s  diffusers {theirs_b:.3f}s  ratio {ours_b / theirs_b:.2f}  "
               f"(compile {compile_bwd:.1f}s)")
 

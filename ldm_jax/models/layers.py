@@ -140,8 +140,13 @@ def _attention_head_major(
 ) -> jax.Array:
     """`jax.nn.dot_product_attention`'s XLA math (fp32 softmax, same masking) as (B, N, T, S) matmuls."""
     b, t, n, _ = q.shape
-    if mask is None and not is_causal and t % QUERY_BLOCK == 0 and b * n * t * k.shape[1] > CHUNK_MIN_LOGITS:
-        return _attention_query_blocks(q, k, v, QUERY_BLOCK)
+    s = k.shape[1]
+    if mask is None and not is_causal and b * n * t * s > CHUNK_MIN_LOGITS:
+        block = t & -t  # the largest power of two dividing t, halved until a block's logits fit BLOCK_LOGITS
+        while block > 8 and b * n * block * s > BLOCK_LOGITS:
+            block //= 2
+        if 8 <= block < t:
+            return _attention_query_blocks(q, k, v, block)
     scale = q.shape[-1] ** -0.5
     qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, N, T, H)
     logits = (qh * jnp.asarray(scale, q.dtype)) @ jnp.swapaxes(kh, -1, -2)
@@ -155,12 +160,14 @@ def _attention_head_major(
     return jnp.swapaxes(probs @ vh, 1, 2)
 
 
-# Unmasked attention with more than CHUNK_MIN_LOGITS logits (16 MB in fp32) runs in blocks of QUERY_BLOCK queries.
-# On 2 AMD EPYC cores (2 MB L2, 32 MB L3 shared) SD1's 4096-token, 8-head self-attention: 0.70 s whole,
-# 0.31 s in blocks of 64 or 128 (16: 0.53 s, 1024: 0.70 s); the 1024-token one 0.054 s -> 0.023 s; PyTorch's
-# fused CPU kernel: 0.28 s and 0.041 s (bench/micro_unet_ops.py measures these).
-QUERY_BLOCK = 128
+# Unmasked attention with more than CHUNK_MIN_LOGITS logits (16 MB in fp32) runs in query blocks whose logits
+# (batch x heads x block x keys) take at most BLOCK_LOGITS (8 MB; a block has at least 8 queries).
+# On 2 AMD EPYC cores (2 MB L2 each, 32 MB L3) SD1's 4096-token, 8-head self-attention at batch 1: 0.70 s whole,
+# 0.31 s in blocks of 64 or 128 queries (16: 0.53 s, 1024: 0.70 s); at batch 2 blocks of 128 were 2x slower than
+# 32 or 64. The 1024-token one: 0.054 s -> 0.023-0.029 s. PyTorch's fused CPU kernel: 0.28 s and 0.041 s
+# (bench/micro_unet_ops.py measures these).
 CHUNK_MIN_LOGITS = 1 << 22
+BLOCK_LOGITS = 1 << 21
 
 
 def _attention_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:

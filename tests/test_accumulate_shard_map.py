@@ -194,35 +194,3 @@ def test_plan_falls_back_where_it_does_not_apply():
     assert "no mesh" in optim.shard_map_plan(jax.sharding.get_abstract_mesh(), x, 4)
     assert "size 1" in optim.shard_map_plan(shd.make_mesh((1, 8, 1)), x, 4)
     assert "not divisible" in optim.shard_map_plan(shd.make_mesh((8, 1, 1)), {"x": jnp.zeros((16, 6))}, 4)
-
-
-# ------------------------------------------------------------------------------ the LDM train step
-def test_ldm_step_with_shard_map_equals_single_device():
-    """The real step on data 8 (text cond with cfg dropout, offset noise, posterior sampling, grad_accum 2)."""
-    config = tiny_config("test")
-    objective = shared_objective("test")
-    assert config.optim.grad_accum == 2 and config.cond.drop_prob > 0 and config.optim.accum_shard_map
-
-    init = host(st.create_state(objective, shd.make_mesh((1, 1, 1), jax.devices()[:1]), config.seed))
-
-    def run(mesh, aot):
-        abstract, sh = st.state_shardings(objective, mesh, config.seed)
-        state = shd.put_like(init, jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh))
-        data = batches(config, mesh)
-        step = loop.jit_train_step(objective, config, mesh, sh, data.host_batch(0))
-        batch, key = next(data), loop.step_key(init.rng, 0)
-        if not aot:  # the plain one-device step, as test_training runs it (shares its compilation in one process)
-            new, metrics = step(state, batch, key)
-            return float(metrics["loss"]), host(new), None
-        with jax.set_mesh(mesh):
-            compiled = step.lower(state, batch, key).compile()
-        new, metrics = compiled(state, batch, key)
-        return float(metrics["loss"]), host(new), collectives(compiled.as_text())
-
-    ref_loss, ref, _ = run(shd.make_mesh((1, 1, 1), jax.devices()[:1]), aot=False)
-    loss, got, coll = run(shd.make_mesh((8, 1, 1)), aot=True)
-    assert abs(loss - ref_loss) < 1e-5
-    assert max_diff(got.params, ref.params) < 1e-5 and max_diff(got.opt_state, ref.opt_state) < 1e-5
-    assert not coll["in_loop"], coll["in_loop"][:2]
-    assert [op for op, _ in coll["outside"]].count("all-reduce") == 1

@@ -149,8 +149,13 @@ def abstract_with(abstract, shardings):
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def test_sharded_steps_equal_single_device(tiny):
+def test_sharded_steps_equal_single_device(tiny, monkeypatch):
+    """grad_accum 2: on the multi-device meshes the step accumulates in optim.accumulate_shard_map (counted at
+    trace time; its one-reduction-per-step HLO is checked in tests/test_accumulate_shard_map.py)."""
     config, objective, init = tiny
+    traced = []
+    real = optim.accumulate_shard_map
+    monkeypatch.setattr(optim, "accumulate_shard_map", lambda *a, **k: traced.append(a[-1].shape) or real(*a, **k))
     ref_losses, ref = _run(config, objective, init, shd.make_mesh((1, 1, 1), jax.devices()[:1]))
     assert np.isfinite(ref_losses).all() and int(ref.step) == 2
     assert max_diff(ref.params, init.params) > 0  # it trained
@@ -161,6 +166,7 @@ def test_sharded_steps_equal_single_device(tiny):
         assert max_diff(got.params, ref.params) < 1e-5, shape
         assert max_diff(got.ema, ref.ema) < 1e-5, shape
         assert max_diff(got.opt_state, ref.opt_state) < 1e-5, shape
+    assert [dict(m)["data"] for m in traced] == [4, 2], traced  # not on one device, on both meshes
 
 
 def test_state_is_born_sharded(tiny):

@@ -130,8 +130,20 @@ def jit_train_step(objective: Any, config: ml_collections.ConfigDict, mesh: Mesh
     """The train step jitted with explicit in/out shardings and the state donated."""
     batch_sh = jax.tree_util.tree_map(lambda x: shd.batch_sharding(mesh, len(x.shape)), batch_spec)
     rep = shd.replicated(mesh)
+    step = make_train_step(objective, config.ema)
+    # The objective sees the mesh while it is traced (jax.sharding.get_abstract_mesh()): optim.accumulate needs it
+    # to run its shard_map. One wrapper per (step, mesh), so that runs in one process still share compilations.
+    cache = objective.__dict__.setdefault("_ldm_jax_mesh_step_cache", {})
+    if (step, mesh) not in cache:
+        abstract = mesh.abstract_mesh
+
+        def step_in_mesh(state, batch, key):
+            with jax.sharding.use_abstract_mesh(abstract):
+                return step(state, batch, key)
+
+        cache[(step, mesh)] = step_in_mesh
     return jax.jit(
-        make_train_step(objective, config.ema),
+        cache[(step, mesh)],
         in_shardings=(state_sh, batch_sh, rep),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),

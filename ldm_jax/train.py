@@ -60,6 +60,9 @@ def main(argv: list[str]) -> None:
     from ldm_jax import sharding
     from ldm_jax.training.objective import ConfigError
 
+    if flags.FLAGS.verbosity <= 0:
+        # Orbax and tfds log every checkpoint file operation at INFO through absl; ours stay (--verbosity=1: all).
+        logging.getLogger("absl").setLevel(logging.WARNING)
     sharding.initialize_distributed()
     cfg = flags.FLAGS.config
     from ldm_jax.data.builders import DataError

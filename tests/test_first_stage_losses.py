@@ -44,6 +44,12 @@ def test_reconstruction_nll_matches_numpy_float64():
     np.testing.assert_allclose(float(mean_rec), rec.mean(), rtol=1e-5)
     nll_vq, _ = reconstruction_nll(f32(x), f32(r), f32(lv), f32(p), kind="vq", pixel_weight=1.5, perceptual_weight=0.7)
     np.testing.assert_allclose(float(nll_vq), rec.mean(), rtol=1e-5)
+    rec2 = 1.5 * (x - r) ** 2 + 0.7 * p[:, None, None, None]  # pixel_loss="l2"
+    nll2, _ = reconstruction_nll(f32(x), f32(r), f32(lv), f32(p), kind="kl", pixel_weight=1.5, perceptual_weight=0.7,
+                                 pixel_loss="l2")
+    np.testing.assert_allclose(float(nll2), np.sum(rec2 / np.exp(lv) + lv) / 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="pixel_loss"):
+        reconstruction_nll(f32(x), f32(r), f32(lv), None, kind="kl", pixel_loss="huber")
 
 
 def test_discriminator_matches_torch_golden(goldens_dir):
@@ -66,3 +72,18 @@ def test_discriminator_matches_torch_golden(goldens_dir):
     np.testing.assert_allclose(np.asarray(upd["batch_stats"]["norm_1"]["mean"]), g["norm_1/running_mean"], rtol=1e-4, atol=1e-6)
     out_eval = disc.apply({"params": params, "batch_stats": stats}, g["x"], train=False)
     np.testing.assert_allclose(np.asarray(out_eval), g["logits_eval"], rtol=1e-4, atol=1e-5)
+
+
+def test_shapes_reconstruction_agreement():
+    """color_kept/shape_kept: the shapes classifier reads the same color/shape from an image and its reconstruction."""
+    from ldm_jax.data import shapes
+    from ldm_jax.training.autoencoder import _classified_alike
+
+    spec = shapes.ShapesSpec()
+    ex = list(shapes.generate(spec, 0, "train", 0, 4))
+    x = np.stack([e["image"] for e in ex]).astype(np.float32) / 127.5 - 1
+    blurred = x.copy()
+    blurred[1] = blurred[1, :1, :1]  # the background only: the shape is lost
+    blurred[2] = 0.98 * x[2]  # a slight change keeps everything
+    kept = _classified_alike(x, blurred, spec)
+    assert kept == [(True, True), (False, False), (True, True), (True, True)]

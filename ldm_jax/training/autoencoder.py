@@ -3,6 +3,8 @@
 Reproduces LDM's `LPIPSWithDiscriminator` (ldm/modules/losses/contperceptual.py) for KL models and taming's
 `VQLPIPSWithDiscriminator` for VQ models (Esser et al. 2021, arXiv 2012.09841, eq. 5-7; Rombach et al. 2022):
   rec   = pixel_weight |x - x̂| + perceptual_weight LPIPS(x, x̂)        (LPIPS broadcast over every pixel)
+          (`loss.pixel_loss="l2"` uses (x - x̂)² instead of |x - x̂|: not in the reference; for tiny models trained
+          for minutes, where L1's median pulls small objects into the background — see configs/shapes.py)
   KL:  nll = sum(rec / exp(logvar) + logvar) / B,   reg = kl_weight * sum(KL) / B
   VQ:  nll = mean(rec),                              reg = codebook_weight * codebook_loss
   g    = -mean D(x̂)
@@ -50,12 +52,18 @@ def adaptive_weight(nll_grad: jax.Array, g_grad: jax.Array, disc_weight: float) 
     return jax.lax.stop_gradient(jnp.clip(w, 0.0, 1e4) * disc_weight)
 
 
+PIXEL_LOSSES = ("l1", "l2")
+
+
 def reconstruction_nll(
     x: jax.Array, recon: jax.Array, logvar: jax.Array, p_loss: jax.Array | None, *, kind: str,
-    pixel_weight: float = 1.0, perceptual_weight: float = 1.0,
+    pixel_weight: float = 1.0, perceptual_weight: float = 1.0, pixel_loss: str = "l1",
 ) -> tuple[jax.Array, jax.Array]:
     """(nll, mean rec) of the KL loss (sum over pixels / B, with logvar) or the VQ loss (mean, no logvar)."""
-    rec = pixel_weight * jnp.abs(x.astype(jnp.float32) - recon.astype(jnp.float32))
+    if pixel_loss not in PIXEL_LOSSES:
+        raise ValueError(f"pixel_loss={pixel_loss!r} is unknown; choose one of {PIXEL_LOSSES}")
+    diff = x.astype(jnp.float32) - recon.astype(jnp.float32)
+    rec = pixel_weight * (jnp.abs(diff) if pixel_loss == "l1" else jnp.square(diff))
     if p_loss is not None:
         rec = rec + perceptual_weight * p_loss.reshape(-1, 1, 1, 1)
     if kind == "vq":
@@ -82,6 +90,7 @@ def default_loss_config() -> ml_collections.ConfigDict:
             disc_layers=3,
             disc_ndf=64,
             pixel_weight=1.0,
+            pixel_loss="l1",  # "l1" (LDM/taming) or "l2"
             perceptual_weight=1.0,
             lpips_weights="",  # file(s), comma-separated: see ldm_jax.interop.lpips
             kl_weight=1e-6,
@@ -138,6 +147,8 @@ class AutoencoderObjective:
         self.model = autoencoder_class(self.kwargs)(**self.kwargs, dtype=dtype)
         self.kind = "vq" if isinstance(self.model, VQModel) else "kl"
         lc = self.loss_cfg
+        if lc.pixel_loss not in PIXEL_LOSSES:
+            raise ConfigError(f"loss.pixel_loss={lc.pixel_loss!r} is unknown; choose one of {list(PIXEL_LOSSES)}")
         if lc.disc_loss not in D_LOSSES:
             raise ConfigError(f"loss.disc_loss={lc.disc_loss!r} is unknown; choose one of {sorted(D_LOSSES)}")
         self.disc = NLayerDiscriminator(in_channels=self.kwargs.get("out_ch", 3), ndf=lc.disc_ndf, n_layers=lc.disc_layers)
@@ -251,7 +262,7 @@ class AutoencoderObjective:
         def nll_fn(r, lv):
             p_loss = self.lpips.apply({"params": state.frozen["lpips"]}, x, r) if self.lpips else None
             nll, rec = reconstruction_nll(x, r, lv, p_loss, kind=self.kind, pixel_weight=lc.pixel_weight,
-                                          perceptual_weight=lc.perceptual_weight)
+                                          perceptual_weight=lc.perceptual_weight, pixel_loss=lc.pixel_loss)
             return nll, (rec, jnp.mean(p_loss) if p_loss is not None else jnp.zeros(()))
 
         (nll, (rec, p_mean)), (g_rec_nll, g_logvar) = jax.value_and_grad(nll_fn, (0, 1), has_aux=True)(recon, logvar)
@@ -334,14 +345,30 @@ class AutoencoderObjective:
         return self._eval_fn
 
     def evaluate(self, ae_params, batches) -> dict[str, float]:
-        """Mean PSNR / SSIM of the reconstructions of `batches` (an iterable of {"image": ...})."""
+        """Mean PSNR / SSIM of the reconstructions of `batches` (an iterable of {"image": ...}).
+
+        On the built-in shapes dataset also `color_kept` / `shape_kept`: the fraction of reconstructions in
+        which the dataset's classifier reads the same shape color / shape as in the original image (what
+        the LDM stage needs from its first stage; a blurry autoencoder returns the background instead).
+        """
         fn = self.reconstruct_fn()
-        ps, ss = [], []
+        ps, ss, kept = [], [], []
+        spec = None
+        if self.config.get("data") is not None and self.config.data.source == "shapes":
+            from ldm_jax.data.config import shapes_spec
+
+            spec = shapes_spec(self.config.data)
         for b in batches:
-            _, p, s = fn(ae_params, b["image"])
+            recon, p, s = fn(ae_params, b["image"])
             ps.append(_host(p))
             ss.append(_host(s))
-        return {"psnr": float(np.mean(np.concatenate(ps))), "ssim": float(np.mean(np.concatenate(ss)))}
+            if spec is not None:
+                kept.extend(_classified_alike(_host(b["image"]), _host(recon), spec))
+        out = {"psnr": float(np.mean(np.concatenate(ps))), "ssim": float(np.mean(np.concatenate(ss)))}
+        if kept:
+            out["color_kept"] = float(np.mean([c for c, _ in kept]))
+            out["shape_kept"] = float(np.mean([s for _, s in kept]))
+        return out
 
     def hooks(self):
         from ldm_jax.training.loop import Hook
@@ -370,7 +397,10 @@ class AutoencoderObjective:
                 for k, v in scores.items():
                     ctx.writer.add_scalar(f"eval/{k}", v, ctx.step)
                 ctx.writer.flush()
-        log.info("step %d: held-out %s PSNR %.2f dB, SSIM %.4f", ctx.step, ev.split, scores["psnr"], scores["ssim"])
+        kept = ""
+        if "color_kept" in scores:
+            kept = f", shape color kept {scores['color_kept']:.0%}, shape kept {scores['shape_kept']:.0%}"
+        log.info("step %d: held-out %s PSNR %.2f dB, SSIM %.4f%s", ctx.step, ev.split, scores["psnr"], scores["ssim"], kept)
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -391,3 +421,15 @@ def recon_grid(images: np.ndarray, recons: np.ndarray) -> np.ndarray:
 def build(config: ml_collections.ConfigDict) -> AutoencoderObjective:
     """The objective for `config.objective == "autoencoder"`."""
     return AutoencoderObjective(config)
+
+
+def _classified_alike(x: np.ndarray, recon: np.ndarray, spec) -> list[tuple[bool, bool]]:
+    """Per image: (same color, same shape) read by the shapes classifier from x and its reconstruction ([-1, 1])."""
+    from ldm_jax.data.shapes import classify
+
+    to_u8 = lambda a: np.clip((np.asarray(a, np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)  # noqa: E731
+    out = []
+    for a, b in zip(to_u8(x), to_u8(recon)):
+        (ca, sa), (cb, sb) = classify(a, spec), classify(b, spec)
+        out.append((ca == cb, sa == sb))
+    return out

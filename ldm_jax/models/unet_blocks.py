@@ -156,11 +156,26 @@ class TransformerBlock(nn.Module):
         attn = lambda name: Attention(self.heads, self.head_dim, name=name, **kw)  # noqa: E731
         x = x + attn("attn1")(layers.layer_norm(name="norm1", **kw)(x))
         x = x + attn("attn2")(layers.layer_norm(name="norm2", **kw)(x), context)
-        h = layers.dense(8 * dim, name="ff_proj", **kw)(layers.layer_norm(name="norm3", **kw)(x))
-        h, gate = jnp.split(h, 2, axis=-1)
+        norm3 = layers.layer_norm(name="norm3", **kw)
+        ff_proj = layers.dense(8 * dim, name="ff_proj", **kw)
+        ff_out = layers.dense(dim, names=("mlp", "embed"), name="ff_out", **kw)
+        chunk = layers.row_chunk_size(x.size // dim, 8 * dim)
+        if chunk and not train and not self.is_initializing():
+            # inference: norm3 + feed-forward + residual on chunks of tokens (cache-friendly on CPU; see
+            # layers.ROW_CHUNK; equal up to float32 rounding); training keeps whole matmuls (and dropout)
+            mods = [(m.clone(parent=None), m.variables) for m in (norm3, ff_proj, ff_out)]
+            (n3, p3), (proj, p_proj), (out, p_out) = mods
+
+            def ff(rows: jax.Array) -> jax.Array:
+                a, g = jnp.split(proj.apply(p_proj, n3.apply(p3, rows)), 2, axis=-1)
+                return rows + out.apply(p_out, a * nn.gelu(g, approximate=False))
+
+            return layers.map_row_chunks(ff, x, chunk)
+        h = norm3(x)
+        h, gate = jnp.split(ff_proj(h), 2, axis=-1)
         h = h * nn.gelu(gate, approximate=False)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        return x + layers.dense(dim, names=("mlp", "embed"), name="ff_out", **kw)(h)
+        return x + ff_out(h)
 
 
 class SpatialTransformer(nn.Module):

@@ -142,8 +142,19 @@ def load_first_stage(config: ml_collections.ConfigDict, module: nn.Module, abstr
             raise ConfigError(f"{folder} has no .safetensors weights")
         return vae.from_diffusers(common.StrictStateDict(common.load_safetensors(files[0]), str(files[0])), kwargs)
     tensors = common.load_state_dict(path)
-    _compare_kwargs(vae.config_from_compvis(tensors), kwargs, str(path))
+    # Our own single files (interop.pretrained.save_single_file) record the exact kwargs; shapes cannot tell
+    # norm_groups, so foreign files are compared against CompVis' 32.
+    meta = _single_file_meta(path)
+    found = meta["vae"] if meta and meta.get("vae") else vae.config_from_compvis(tensors)
+    _compare_kwargs(dict(found), kwargs, str(path))
     return vae.from_compvis(common.StrictStateDict(tensors, str(path)), kwargs)
+
+
+def _single_file_meta(path: pathlib.Path) -> dict | None:
+    """The configs `interop.pretrained.save_single_file` stores in a .safetensors file, or None."""
+    from ldm_jax.interop import pretrained
+
+    return pretrained._metadata(path)
 
 
 def load_text_encoder(config: ml_collections.ConfigDict) -> Any:

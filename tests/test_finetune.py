@@ -38,8 +38,7 @@ def finetune_config(p, init_from: str, first_stage: str, text: str, data_dir: st
         c.global_batch_size = 2
         c.num_steps = STEPS
         c.optim.warmup_steps = 0  # the full lr (1e-5) from the first step, so that two steps move the UNet
-        # sd_linear's default cycle_length (1e13, "never") overflows int32 inside the jitted step; 1e9 is also never
-        c.optim.cycle_length = 10**9
+        assert c.optim.schedule == "sd_linear" and c.optim.cycle_length == 10**13  # SD's "never": must not overflow
         c.data.source = "shapes"
         c.data.data_dir = data_dir
         c.data.resolution = 32

@@ -74,8 +74,12 @@ def make_schedule(cfg: ml_collections.ConfigDict, global_batch_size: int) -> opt
         return optax.constant_schedule(lr)
     if cfg.schedule == "sd_linear":
         warm, length = int(cfg.warmup_steps), int(cfg.cycle_length)
-        after = cfg.f_min + (cfg.f_max - cfg.f_min) * (length - warm) / length
-        decay = optax.linear_schedule(lr * after, lr * cfg.f_min, max(length - warm, 1))
+        f_min, f_max, cycle = float(cfg.f_min), float(cfg.f_max), float(length)
+
+        def decay(count):  # LambdaLinearScheduler after warm-up, in float: SD's cycle_length (1e13) overflows int32
+            n = jnp.asarray(count, jnp.float32) + warm
+            return lr * (f_min + (f_max - f_min) * jnp.clip((cycle - n) / cycle, 0.0, 1.0))
+
         if warm == 0:
             return decay
         warmup = optax.linear_schedule(lr * cfg.f_start, lr * cfg.f_max, warm)

@@ -166,7 +166,9 @@ def test_sharded_steps_equal_single_device(tiny, monkeypatch):
         assert max_diff(got.params, ref.params) < 1e-5, shape
         assert max_diff(got.ema, ref.ema) < 1e-5, shape
         assert max_diff(got.opt_state, ref.opt_state) < 1e-5, shape
-    assert [dict(m)["data"] for m in traced] == [4, 2], traced  # not on one device, on both meshes
+    # Traced through shard_map on the multi-device meshes, never on one device. A mesh whose step another test in the
+    # same process traced already (test_checkpoint uses data 4 x fsdp 2) hits jit's cache and is not re-traced here.
+    assert traced and all(dict(m)["data"] in (4, 2) for m in traced), traced
 
 
 def test_state_is_born_sharded(tiny):

@@ -20,7 +20,8 @@ device count; see tests/test_training.py::test_noise_draw_has_no_collectives.
 Gradient reduction: with grad_accum = 1 it is left to XLA's partitioner, which all-reduces (DP) or
 reduce-scatters (FSDP) the gradients itself. With grad_accum > 1 under the partitioner, the compiled
 `lax.scan` all-reduces the gradients inside the loop body, once per micro-batch. So when a mesh with
-data > 1 is in context (`jax.set_mesh(mesh)` around tracing) `optim.accumulate` runs a `jax.shard_map`
+data > 1 is in context while tracing (loop.jit_train_step traces the step under
+`jax.sharding.use_abstract_mesh`; `jax.set_mesh` works too) `optim.accumulate` runs a `jax.shard_map`
 manual over `data` (fsdp/tensor stay automatic inside): each data replica accumulates the gradients of
 its own micro-batch blocks and one `psum` over `data` follows the loop (`optim.accumulate_shard_map`).
 Its draws use `sharding.block_key`, whose per-sample draws are exactly the replica's rows of the global

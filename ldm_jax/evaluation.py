@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ldm_jax.data import shapes
+from ldm_jax.images import image_grid, save_png
 
 
 def evaluate_shapes(
@@ -66,8 +67,6 @@ def evaluate_shapes(
 
 def write_eval(workdir: str | pathlib.Path, metrics: Mapping[str, Any], images: np.ndarray) -> pathlib.Path:
     """Writes WORKDIR/eval.json and WORKDIR/eval_grid.png; returns the JSON path."""
-    from ldm_jax.sample import image_grid, save_png
-
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "eval.json"

@@ -11,8 +11,6 @@ in its text chunk: "parameters" (one readable line) and "ldm_jax" (JSON).
 """
 from __future__ import annotations
 
-import json
-import math
 import pathlib
 import sys
 from typing import Any
@@ -20,29 +18,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-
-def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tiles (N, H, W, 3) uint8 images into one image, `cols` per row (default ~sqrt(N))."""
-    images = np.asarray(images)
-    n, h, w, c = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, images.dtype)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
-    return grid
-
-
-def save_png(path: str | pathlib.Path, image: np.ndarray, params: dict[str, Any] | None = None) -> None:
-    """Writes a uint8 (H, W, 3) image as PNG with `params` in its text chunk ("parameters" + "ldm_jax" JSON)."""
-    from PIL import Image, PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    if params:
-        info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in params.items()))
-        info.add_text("ldm_jax", json.dumps(params))
-    Image.fromarray(np.asarray(image, np.uint8)).save(str(path), pnginfo=info)
+from ldm_jax.images import image_grid, save_png
 
 
 def _read_image(path: str, mode: str = "RGB") -> np.ndarray:

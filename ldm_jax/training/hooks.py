@@ -2,27 +2,15 @@
 from __future__ import annotations
 
 import logging
-import math
 import pathlib
 from typing import Any
 
 import numpy as np
 
+from ldm_jax.images import image_grid
 from ldm_jax.training.loop import Hook, HookContext
 
 log = logging.getLogger("ldm_jax.train")
-
-
-def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> one (rows*H, cols*W, 3) uint8 grid, filled row by row."""
-    n, h, w, c = images.shape
-    cols = cols or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, cols)
-        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = img
-    return grid
 
 
 def write_grid(images: np.ndarray, path: pathlib.Path, writer: Any, tag: str, step: int) -> None:

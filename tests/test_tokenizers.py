@@ -1,6 +1,8 @@
 """Tokenizers: CLIP BPE from a folder (vs transformers' own padding/truncation), the caption-trained BPE."""
+import json
 import logging
 import pathlib
+import shutil
 import time
 
 import numpy as np
@@ -39,6 +41,59 @@ def test_clip_matches_transformers_padding_and_truncation(caplog):
     assert tok.decode(ids[0]) == "a red circle"
     with pytest.raises(FileNotFoundError, match="no CLIP tokenizer"):
         CLIPTokenizer(TINY_SD / "unet")
+
+
+def _tokenizer_folder(dst: pathlib.Path, layout: str, pad: str | None) -> pathlib.Path:
+    """tiny_sd's tokenizer as transformers 5 saves it (tokenizer.json + tokenizer_config.json) or as older
+    versions did (vocab.json + merges.txt, with or without configs); `pad` overrides the config's pad token."""
+    src = TINY_SD / "tokenizer"
+    files = {"hf5": ["tokenizer.json", "tokenizer_config.json"], "hf4": ["vocab.json", "merges.txt",
+             "tokenizer_config.json"], "bare": ["vocab.json", "merges.txt"]}[layout]
+    dst.mkdir(parents=True)
+    for name in files:
+        shutil.copy(src / name, dst / name)
+    if pad is not None:
+        config = json.loads((dst / "tokenizer_config.json").read_text())
+        config["pad_token"] = pad
+        (dst / "tokenizer_config.json").write_text(json.dumps(config))
+        if layout == "hf4":  # transformers 4 also wrote the special tokens to their own file
+            specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+            (dst / "special_tokens_map.json").write_text(json.dumps(specials))
+    return dst
+
+
+# pad None: SD1 (pads with EOS); "!": SD2 (id 0, in the vocabulary); "<pad>": a special token not in the
+# vocabulary, which transformers appends after it (id 668 here)
+@pytest.mark.parametrize("layout,pad", [("hf5", None), ("hf5", "!"), ("hf5", "<pad>"), ("hf4", None),
+                                        ("hf4", "!"), ("hf4", "<pad>"), ("bare", None)])
+def test_transformers_folders_of_both_generations_give_transformers_ids(tmp_path, layout, pad):
+    from transformers import AutoTokenizer
+    from transformers import CLIPTokenizer as HF
+
+    folder = _tokenizer_folder(tmp_path / "sd" / "tokenizer", layout, pad)
+    ref = (HF if layout == "bare" else AutoTokenizer).from_pretrained(str(folder))
+    texts = PROMPTS + [LONG, "a <|endoftext|> red circle"]
+    want = np.asarray(ref(texts, padding="max_length", max_length=77, truncation=True)["input_ids"])
+    for where in (folder, folder.parent):  # the tokenizer folder itself or the diffusers folder above it
+        tok = load_tokenizer(where)
+        assert isinstance(tok, CLIPTokenizer)
+        np.testing.assert_array_equal(tok(texts), want)
+        assert (tok.pad_id, tok.vocab_size) == (ref.pad_token_id, len(ref))
+    assert tok.pad_id == {None: 667, "!": 0, "<pad>": 668}[pad]
+
+
+def test_diffusers_folder_saved_by_transformers5_loads_and_samples_its_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ldm_jax.pipeline import load_pretrained
+
+    shutil.copytree(TINY_SD, tmp_path / "sd")
+    for name in ("vocab.json", "merges.txt"):  # what save_pretrained writes with transformers 5
+        (tmp_path / "sd" / "tokenizer" / name).unlink()
+    pipe = load_pretrained(tmp_path / "sd")
+    ref = AutoTokenizer.from_pretrained(str(tmp_path / "sd" / "tokenizer"))
+    want = np.asarray(ref(PROMPTS, padding="max_length", max_length=77, truncation=True)["input_ids"])
+    np.testing.assert_array_equal(pipe.tokenizer(PROMPTS), want)
 
 
 def test_bpe_trains_fast_deterministically_in_clip_layout(captions):

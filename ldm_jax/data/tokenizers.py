@@ -2,7 +2,8 @@
 
 Sequences are `[BOS] tokens [EOS] [PAD]...` as CLIP expects; a text longer than the context is cut
 to `max_length - 1` tokens plus EOS, with a warning. Two kinds:
-- `CLIPTokenizer`: CLIP's BPE from local files (a diffusers folder's `tokenizer/`), via transformers.
+- `CLIPTokenizer`: any tokenizer folder transformers opens (a diffusers folder's `tokenizer/`, saved by
+  transformers 4 or 5), via transformers, so ids equal transformers'.
 - `BPETokenizer`: a byte-level BPE in CLIP's layout trained on a dataset's captions with the
   `tokenizers` library, saved as WORKDIR/tokenizer.json and reloaded from there on resume.
 """
@@ -59,22 +60,43 @@ class _Base:
         raise NotImplementedError
 
 
+# Files that make a folder a transformers tokenizer: transformers >= 5 saves tokenizer.json + tokenizer_config.json
+# only; older versions (and SD folders made with them) have vocab.json + merges.txt, with or without the config.
+_HF_MARKERS = ("tokenizer_config.json", "vocab.json")
+
+
+def _is_transformers_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in _HF_MARKERS)
+
+
 class CLIPTokenizer(_Base):
-    """CLIP BPE from a folder with vocab.json + merges.txt (a diffusers folder or its tokenizer/)."""
+    """A tokenizer folder that transformers opens (a diffusers folder or its tokenizer/), with transformers' ids.
+
+    With a tokenizer_config.json the folder's own class, special tokens and pad token are used through
+    `AutoTokenizer` (SD1 pads with EOS, SD2 with "!"; a special token missing from the vocabulary is
+    added after it, as transformers does); a bare vocab.json + merges.txt is CLIP's BPE with its defaults.
+    """
 
     def __init__(self, path: str | os.PathLike, max_length: int = 77):
+        from transformers import AutoTokenizer
         from transformers import CLIPTokenizer as HFCLIPTokenizer
 
         path = Path(path).expanduser()
-        if (path / "tokenizer" / "vocab.json").is_file():
+        if not _is_transformers_folder(path) and _is_transformers_folder(path / "tokenizer"):
             path = path / "tokenizer"
-        if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
-            raise FileNotFoundError(f"no CLIP tokenizer in {path}: expected vocab.json and merges.txt "
-                                    "(there or in its tokenizer/ subfolder)")
-        self._tok = HFCLIPTokenizer.from_pretrained(os.fspath(path))
+        if (path / "tokenizer_config.json").is_file():
+            self._tok = AutoTokenizer.from_pretrained(os.fspath(path))
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            self._tok = HFCLIPTokenizer.from_pretrained(os.fspath(path))
+        else:
+            raise FileNotFoundError(f"no CLIP tokenizer in {path}: expected tokenizer.json + tokenizer_config.json "
+                                    "(transformers >= 5) or vocab.json + merges.txt (there or in its tokenizer/ "
+                                    "subfolder)")
         self.max_length = max_length
         self.bos_id, self.eos_id = self._tok.bos_token_id, self._tok.eos_token_id
-        # SD1's tokenizer pads with EOS, SD2's (OpenCLIP) with "!" (id 0): the folder's config decides.
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"tokenizer in {path} has no BOS or EOS token (bos={self._tok.bos_token!r}, "
+                             f"eos={self._tok.eos_token!r}); a CLIP text encoder needs both")
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_id
         self.vocab_size = len(self._tok)
 
@@ -194,11 +216,12 @@ def load_or_train_tokenizer(workdir: str | os.PathLike, texts: Callable[[], Iter
 
 
 def load_tokenizer(path: str | os.PathLike, max_length: int = 77) -> CLIPTokenizer | BPETokenizer:
-    """A tokenizer from a tokenizer.json file (ours) or a folder with CLIP's vocab.json + merges.txt."""
+    """A tokenizer from a folder transformers opens (see `CLIPTokenizer`), or our tokenizer.json (a file or a
+    training workdir holding one, recognised by having no transformers config next to it)."""
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".json":
         return BPETokenizer.load(path, max_length)
-    if (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file() \
-            and not (path / "tokenizer" / "vocab.json").is_file():
+    if (path / "tokenizer.json").is_file() and not _is_transformers_folder(path) \
+            and not _is_transformers_folder(path / "tokenizer"):
         return BPETokenizer.load(path / "tokenizer.json", max_length)
     return CLIPTokenizer(path, max_length)

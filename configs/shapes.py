@@ -6,8 +6,9 @@ Stage 1 trains a KL-f4 autoencoder (32x32 images -> 8x8x4 latents) into WORKDIR/
 trains a text-conditional LDM on its latents, with a text encoder trained jointly from scratch on a BPE
 tokenizer learned from the captions (WORKDIR/tokenizer.json). The run ends by sampling captions of
 held-out (color, shape) pairs, pairs never shown in training, and scoring the samples with the dataset's
-classifier (WORKDIR/eval.json, printed): color accuracy and shape accuracy. A sample grid of held-out
-prompts lands in WORKDIR/samples/ and TensorBoard logs in WORKDIR (and WORKDIR/first_stage).
+classifier (WORKDIR/eval.json, printed, TensorBoard eval/...): the accuracy of every caption attribute
+(color, shape, size, position, background) on held-out pairs and on fresh captions of trained pairs. A sample grid
+of held-out prompts lands in WORKDIR/samples/ and TensorBoard logs in WORKDIR (and WORKDIR/first_stage).
 
   --config=configs/shapes.py:smoke    a few steps of each stage (the CI smoke run, tiny models)
 """
@@ -85,8 +86,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     spec = ShapesSpec()
     c.sample.update(every=1250, prompts=heldout_prompts(spec, per_pair=3, seed=99), seed=0, sampler="dpmpp_2m",
                     schedule="karras", steps=20, guidance_scale=4.0)
-    # scored at the end of the run (ldm_jax.evaluation): held-out prompts, per_pair samples of each pair
-    c.final_eval = dict(kind="shapes", per_pair=16, sampler="dpmpp_2m", schedule="karras", steps=20,
+    # scored at the end of the run (ldm_jax.evaluation): every caption attribute on per_pair samples of each
+    # held-out pair and on `in_distribution` fresh captions of trained pairs
+    c.final_eval = dict(kind="shapes", per_pair=16, in_distribution=96, sampler="dpmpp_2m", schedule="karras", steps=20,
                         guidance_scale=4.0, seed=0)
     if smoke:
         c.global_batch_size = 8
@@ -102,7 +104,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.data.num_threads = 1
         c.checkpoint.update(every=4, async_save=False)
         c.sample.update(every=4, prompts=heldout_prompts(spec, per_pair=1), steps=2)
-        c.final_eval.update(per_pair=2, steps=2)
+        c.final_eval.update(per_pair=2, in_distribution=4, steps=2)
     c.lock()
     return c
 

@@ -1,8 +1,10 @@
-"""Scores a text-to-image model on the built-in shapes dataset: does it draw the color and shape it is asked for?
+"""Scores a text-to-image model on the built-in shapes dataset: does it draw every attribute of its caption?
 
 Samples held-out prompts (captions of (color, shape) pairs that never appear in training, see
-`ldm_jax.data.shapes.ShapesSpec.heldout`) and reads each sample back with the dataset's classifier
-`ldm_jax.data.shapes.classify` (nearest-palette color, best-IoU shape template).
+`ldm_jax.data.shapes.ShapesSpec.heldout`) and fresh captions of trained pairs, and reads each sample back
+with the dataset's classifier `ldm_jax.data.shapes.describe` (nearest-palette color and background,
+best-IoU shape template, size and grid cell of the shape's box): accuracy of color, shape, size,
+position and background per split, printed, in eval.json and in TensorBoard (eval/<split>/<attribute>).
 
     python -m ldm_jax.evaluation --workdir=DIR        # writes DIR/eval.json and DIR/eval_grid.png
 """
@@ -24,6 +26,7 @@ def evaluate_shapes(
     spec: shapes.ShapesSpec | None = None,
     *,
     per_pair: int = 16,
+    in_distribution: int = 96,
     prompts_seed: int = 1234,
     sampler: str = "dpmpp_2m",
     schedule: str = "karras",
@@ -33,35 +36,44 @@ def evaluate_shapes(
     params: Mapping[str, Any] | None = None,
     batch_size: int | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Generates `per_pair` samples per held-out (color, shape) pair; returns (metrics, uint8 images).
+    """Samples held-out and fresh in-distribution captions and scores every attribute; returns (metrics, images).
 
-    metrics: color_accuracy, shape_accuracy, both_accuracy (fractions of samples whose classified
-    attribute matches the prompt), chance levels, the per-pair color accuracy and the settings used.
+    `per_pair` samples per held-out (color, shape) pair and `in_distribution` captions of trained pairs
+    (`shapes.indistribution_prompts`, 0 = none). metrics: "heldout" / "in_distribution" blocks with the
+    accuracy of color, shape, size, position, background, both (color and shape) and all; the held-out
+    color/shape/both also at the top level (color_accuracy, ...); chance levels and the settings used.
+    images: the held-out samples (then the in-distribution ones).
     """
     spec = spec or shapes.ShapesSpec()
-    prompts = shapes.heldout_prompts(spec, per_pair=per_pair, seed=prompts_seed)
+    held = shapes.heldout_prompts(spec, per_pair=per_pair, seed=prompts_seed)
+    indist = shapes.indistribution_prompts(spec, in_distribution, seed=prompts_seed + 1) if in_distribution else []
     start = time.perf_counter()
-    images = pipe.generate(prompts, sampler=sampler, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
-                           seed=seed, params=params, height=spec.resolution, width=spec.resolution,
-                           batch_size=batch_size)
+    images = pipe.generate(held + indist, sampler=sampler, schedule=schedule, steps=steps,
+                           guidance_scale=guidance_scale, seed=seed, params=params, height=spec.resolution,
+                           width=spec.resolution, batch_size=batch_size)
     seconds = time.perf_counter() - start
-    scores = shapes.score(list(images), prompts, spec)
-    per_pair_color = {}
-    for p, (color, shape) in enumerate(spec.heldout):
-        sl = slice(p * per_pair, (p + 1) * per_pair)
-        per_pair_color[f"{color} {shape}"] = shapes.score(list(images[sl]), prompts[sl], spec)["color"]
+    heldout = {**shapes.score(list(images[:len(held)]), held, spec), "num_samples": len(held)}
+    heldout["per_pair"] = {
+        f"{color} {shape}": shapes.score(list(images[p * per_pair:(p + 1) * per_pair]),
+                                         held[p * per_pair:(p + 1) * per_pair], spec)
+        for p, (color, shape) in enumerate(spec.heldout)
+    }
     metrics = {
-        "color_accuracy": scores["color"],
-        "shape_accuracy": scores["shape"],
-        "both_accuracy": scores["both"],
+        "color_accuracy": heldout["color"],
+        "shape_accuracy": heldout["shape"],
+        "both_accuracy": heldout["both"],
         "chance_color": 1.0 / len(spec.colors),
         "chance_shape": 1.0 / len(spec.shapes),
-        "color_accuracy_per_pair": per_pair_color,
-        "num_samples": len(prompts),
-        "split": "heldout (color, shape) pairs never seen in training",
+        "num_samples": len(held),
+        "heldout": heldout,
+        "chance": shapes.chance_levels(spec),
+        "split": "heldout: (color, shape) pairs never seen in training; in_distribution: fresh captions of trained pairs",
         "sampler": sampler, "schedule": schedule, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
         "sampling_seconds": round(seconds, 2),
     }
+    if indist:
+        metrics["in_distribution"] = {**shapes.score(list(images[len(held):]), indist, spec),
+                                      "num_samples": len(indist)}
     return metrics, images
 
 
@@ -78,10 +90,30 @@ def write_eval(workdir: str | pathlib.Path, metrics: Mapping[str, Any], images: 
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
-    """One line for the log."""
-    return (f"held-out shapes prompts ({metrics['num_samples']} samples): color accuracy "
-            f"{metrics['color_accuracy']:.1%} (chance {metrics['chance_color']:.1%}), shape accuracy "
-            f"{metrics['shape_accuracy']:.1%} (chance {metrics['chance_shape']:.1%}), both {metrics['both_accuracy']:.1%}")
+    """The log lines: held-out color/shape/both, then every attribute of each split scored."""
+    lines = [f"held-out shapes prompts ({metrics['num_samples']} samples): color accuracy "
+             f"{metrics['color_accuracy']:.1%} (chance {metrics['chance_color']:.1%}), shape accuracy "
+             f"{metrics['shape_accuracy']:.1%} (chance {metrics['chance_shape']:.1%}), both {metrics['both_accuracy']:.1%}"]
+    for split in ("heldout", "in_distribution"):
+        if split in metrics:
+            m = metrics[split]
+            attrs = ", ".join(f"{a} {m[a]:.1%}" for a in (*shapes.ATTRIBUTES, "all"))
+            lines.append(f"  {split} ({m['num_samples']} samples): {attrs}")
+    return "\n".join(lines)
+
+
+def log_to_tensorboard(workdir: str | pathlib.Path, metrics: Mapping[str, Any], step: int) -> None:
+    """eval/<split>/<attribute> scalars in WORKDIR/tb (next to the training curves)."""
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+    try:
+        for split in ("heldout", "in_distribution"):
+            for a in (*shapes.ATTRIBUTES, "both", "all"):
+                if split in metrics:
+                    writer.add_scalar(f"eval/{split}/{a}", float(metrics[split][a]), step)
+    finally:
+        writer.close()
 
 
 def evaluate_workdir(workdir: str | pathlib.Path, spec: shapes.ShapesSpec | None = None, **kwargs: Any) -> dict:
@@ -98,6 +130,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, spec: shapes.ShapesSpec | None
     metrics["checkpoint_step"] = pipe.step
     if jax.process_index() == 0:
         write_eval(workdir, metrics, images)
+        log_to_tensorboard(workdir, metrics, int(pipe.step or 0))
         print(format_metrics(metrics), flush=True)
     return metrics
 
@@ -122,7 +155,7 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     f = flags.FLAGS
-    evaluate_workdir(f.workdir, per_pair=f.per_pair, steps=f.steps, guidance_scale=f.guidance_scale,
+    evaluate_workdir(f.workdir, per_pair=f.per_pair, in_distribution=f.in_distribution, steps=f.steps, guidance_scale=f.guidance_scale,
                      sampler=f.sampler, seed=f.seed)
 
 
@@ -131,6 +164,7 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("workdir", None, "Workdir of a shapes run.", required=True)
     flags.DEFINE_integer("per_pair", 16, "Samples per held-out (color, shape) pair.")
+    flags.DEFINE_integer("in_distribution", 96, "Fresh captions of trained (color, shape) pairs (0 = none).")
     flags.DEFINE_integer("steps", 20, "Sampler steps.")
     flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free guidance scale.")
     flags.DEFINE_string("sampler", "dpmpp_2m", "Sampler.")

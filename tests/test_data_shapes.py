@@ -74,7 +74,7 @@ def test_classifier_on_ground_truth(res):
         assert (d["color"], d["shape"], d["size"], d["position"], d["background"]) == \
             (e["color"], e["shape"], e["size"], e["position"], e["background"]), e["caption"]
     prompts = [e["caption"] for e in examples]
-    assert S.score([e["image"] for e in examples], prompts, spec) == {"color": 1.0, "shape": 1.0, "both": 1.0}
+    assert S.score([e["image"] for e in examples], prompts, spec) == dict.fromkeys((*S.ATTRIBUTES, "both", "all"), 1.0)
 
 
 def test_classifier_tolerates_sample_noise(spec):

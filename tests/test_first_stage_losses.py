@@ -75,7 +75,7 @@ def test_discriminator_matches_torch_golden(goldens_dir):
 
 
 def test_shapes_reconstruction_agreement():
-    """color_kept/shape_kept: the shapes classifier reads the same color/shape from an image and its reconstruction."""
+    """<attribute>_kept: the shapes classifier reads the same attributes from an image and its reconstruction."""
     from ldm_jax.data import shapes
     from ldm_jax.training.autoencoder import _classified_alike
 
@@ -86,4 +86,6 @@ def test_shapes_reconstruction_agreement():
     blurred[1] = blurred[1, :1, :1]  # the background only: the shape is lost
     blurred[2] = 0.98 * x[2]  # a slight change keeps everything
     kept = _classified_alike(x, blurred, spec)
-    assert kept == [(True, True), (False, False), (True, True), (True, True)]
+    every = dict.fromkeys(shapes.ATTRIBUTES, True)
+    lost = {**dict.fromkeys(shapes.ATTRIBUTES, False), "background": True}  # the background is all that is left
+    assert kept == [every, lost, every, every]

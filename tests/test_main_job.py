@@ -23,6 +23,9 @@ def test_main_job_smoke_leaves_scores_samples_and_logs(tmp_path):
         assert 0.0 <= ev[k] <= 1.0 and ev[k] * ev["num_samples"] == round(ev[k] * ev["num_samples"])
     assert ev["both_accuracy"] <= min(ev["color_accuracy"], ev["shape_accuracy"])
     assert "held-out shapes prompts (6 samples): color accuracy" in out.stdout + out.stderr
+    assert ev["in_distribution"]["num_samples"] == 4 and set(ev["heldout"]) >= {"color", "shape", "size", "position",
+                                                                                "background", "all"}
+    assert "in_distribution (4 samples): color" in out.stdout + out.stderr
 
     ae = [json.loads(line) for line in (wd / "first_stage" / "reconstructions" / "metrics.jsonl").read_text().splitlines()]
     assert ae[-1]["step"] == 4 and 0.0 <= ae[-1]["color_kept"] <= 1.0 and ae[-1]["psnr"] > 0

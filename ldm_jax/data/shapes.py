@@ -215,7 +215,7 @@ def heldout_prompts(spec: ShapesSpec | None = None, per_pair: int = 4, seed: int
 
 
 # ---------------------------------------------------------------------------------------------
-# Classifier: reads (color, shape) back from an image, e.g. a generated sample.
+# Classifier: reads every caption attribute back from an image, e.g. a generated sample.
 # ---------------------------------------------------------------------------------------------
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -290,15 +290,46 @@ def classify(image_uint8: np.ndarray, spec: ShapesSpec | None = None) -> tuple[s
     return d["color"], d["shape"]
 
 
+ATTRIBUTES = ("color", "shape", "size", "position", "background")
+
+
+def chance_levels(spec: ShapesSpec) -> dict[str, float]:
+    """Accuracy of a uniform guess per attribute (the background excludes the shape's color, hence the -1)."""
+    n_bg = len(spec.backgrounds) - (1 if set(spec.colors) & set(spec.backgrounds) else 0)
+    n = {"color": len(spec.colors), "shape": len(spec.shapes), "size": len(spec.sizes),
+         "position": len(spec.positions), "background": max(n_bg, 1)}
+    return {a: 1.0 / n[a] for a in ATTRIBUTES}
+
+
+def indistribution_prompts(spec: ShapesSpec | None = None, num: int = 96, seed: int = 4321) -> list[str]:
+    """`num` fresh captions of trained (color, shape) pairs: the test split's attribute draws under `seed`."""
+    spec = spec or ShapesSpec()
+    return [caption(sample_attributes(spec, seed, "test", i)) for i in range(num)]
+
+
 def score(images: Sequence[np.ndarray], prompts: Sequence[str], spec: ShapesSpec | None = None) -> dict[str, float]:
-    """Fraction of images whose classified color / shape / both match their prompt."""
+    """Fraction of images whose classified attribute matches their prompt, for every caption attribute.
+
+    Keys: the `ATTRIBUTES` (color, shape, size, position, background), "both" (color and shape) and
+    "all" (every attribute right).
+    """
     if len(images) != len(prompts) or not prompts:
         raise ValueError(f"score needs as many images as prompts (>0), got {len(images)} and {len(prompts)}")
     hits: Counter = Counter()
     for image, prompt in zip(images, prompts):
-        want = parse_caption(prompt)
-        color, shape = classify(image, spec)
-        hits["color"] += color == want["color"]
-        hits["shape"] += shape == want["shape"]
-        hits["both"] += (color, shape) == (want["color"], want["shape"])
-    return {k: hits[k] / len(prompts) for k in ("color", "shape", "both")}
+        want, got = parse_caption(prompt), describe(image, spec)
+        right = {a: got[a] == want[a] for a in ATTRIBUTES}
+        hits.update(a for a, ok in right.items() if ok)
+        hits["both"] += right["color"] and right["shape"]
+        hits["all"] += all(right.values())
+    return {k: hits[k] / len(prompts) for k in (*ATTRIBUTES, "both", "all")}
+
+
+def attributes_kept(originals: Sequence[np.ndarray], recons: Sequence[np.ndarray],
+                    spec: ShapesSpec | None = None) -> list[dict[str, bool]]:
+    """Per image pair: whether the classifier reads the same value of each attribute from both (uint8 images)."""
+    out = []
+    for a, b in zip(originals, recons):
+        da, db = describe(a, spec), describe(b, spec)
+        out.append({k: da[k] == db[k] for k in ATTRIBUTES})
+    return out

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from ldm_jax import metrics
+from ldm_jax.data.shapes import attributes_kept
 from ldm_jax.models.autoencoder import VAE_PRESETS, VQModel, autoencoder_class
 from ldm_jax.models.discriminator import D_LOSSES, NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS
@@ -347,9 +348,9 @@ class AutoencoderObjective:
     def evaluate(self, ae_params, batches) -> dict[str, float]:
         """Mean PSNR / SSIM of the reconstructions of `batches` (an iterable of {"image": ...}).
 
-        On the built-in shapes dataset also `color_kept` / `shape_kept`: the fraction of reconstructions in
-        which the dataset's classifier reads the same shape color / shape as in the original image (what
-        the LDM stage needs from its first stage; a blurry autoencoder returns the background instead).
+        On the built-in shapes dataset also `<attribute>_kept` (color, shape, size, position, background):
+        the fraction of reconstructions in which the dataset's classifier reads the same value as in the
+        original image (what the LDM stage needs from its first stage; a blurry one returns the background).
         """
         fn = self.reconstruct_fn()
         ps, ss, kept = [], [], []
@@ -365,9 +366,8 @@ class AutoencoderObjective:
             if spec is not None:
                 kept.extend(_classified_alike(_host(b["image"]), _host(recon), spec))
         out = {"psnr": float(np.mean(np.concatenate(ps))), "ssim": float(np.mean(np.concatenate(ss)))}
-        if kept:
-            out["color_kept"] = float(np.mean([c for c, _ in kept]))
-            out["shape_kept"] = float(np.mean([s for _, s in kept]))
+        for k in kept[0] if kept else ():
+            out[f"{k}_kept"] = float(np.mean([d[k] for d in kept]))
         return out
 
     def hooks(self):
@@ -399,7 +399,7 @@ class AutoencoderObjective:
                 ctx.writer.flush()
         kept = ""
         if "color_kept" in scores:
-            kept = f", shape color kept {scores['color_kept']:.0%}, shape kept {scores['shape_kept']:.0%}"
+            kept = ", kept: " + ", ".join(f"{k[:-5]} {v:.0%}" for k, v in scores.items() if k.endswith("_kept"))
         log.info("step %d: held-out %s PSNR %.2f dB, SSIM %.4f%s", ctx.step, ev.split, scores["psnr"], scores["ssim"], kept)
 
 
@@ -423,13 +423,7 @@ def build(config: ml_collections.ConfigDict) -> AutoencoderObjective:
     return AutoencoderObjective(config)
 
 
-def _classified_alike(x: np.ndarray, recon: np.ndarray, spec) -> list[tuple[bool, bool]]:
-    """Per image: (same color, same shape) read by the shapes classifier from x and its reconstruction ([-1, 1])."""
-    from ldm_jax.data.shapes import classify
-
+def _classified_alike(x: np.ndarray, recon: np.ndarray, spec) -> list[dict[str, bool]]:
+    """Per image: {attribute: same value} read by the shapes classifier from x and its reconstruction ([-1, 1])."""
     to_u8 = lambda a: np.clip((np.asarray(a, np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)  # noqa: E731
-    out = []
-    for a, b in zip(to_u8(x), to_u8(recon)):
-        (ca, sa), (cb, sb) = classify(a, spec), classify(b, spec)
-        out.append((ca == cb, sa == sb))
-    return out
+    return attributes_kept(to_u8(x), to_u8(recon), spec)

@@ -1,0 +1,91 @@
+"""Scoring every caption attribute of the shapes main job: the classifier on rendered captions, the eval's
+held-out / in-distribution blocks, eval.json and TensorBoard, with a fake pipeline that draws what it is told."""
+import json
+
+import numpy as np
+import pytest
+
+from ldm_jax import evaluation
+from ldm_jax.data import shapes as S
+
+
+def tb_scalars(logdir):
+    """{tag: [(step, value)]} from the TFRecord event files tensorboardX wrote (no tensorboard package needed)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+class DrawPipe:
+    """Renders each prompt exactly, after `edit(attrs)` (to make the "model" wrong on purpose)."""
+
+    step = 7
+
+    def __init__(self, edit=lambda a: a):
+        self.edit = edit
+        self.calls = []
+
+    def generate(self, prompts, *, height, width, **kw):
+        self.calls.append((list(prompts), kw))
+        return np.stack([S.render(self.edit(S.parse_caption(p)), height) for p in prompts])
+
+
+def test_indistribution_prompts_are_fresh_trained_pairs():
+    spec = S.ShapesSpec()
+    prompts = S.indistribution_prompts(spec, 200, seed=5)
+    attrs = [S.parse_caption(p) for p in prompts]
+    assert {(a["color"], a["shape"]) for a in attrs} == set(spec.train_pairs)  # every trained pair, no held-out one
+    assert {a["position"] for a in attrs} == set(spec.positions) and {a["size"] for a in attrs} == set(spec.sizes)
+    assert prompts == S.indistribution_prompts(spec, 200, seed=5) != S.indistribution_prompts(spec, 200, seed=6)
+
+
+def test_score_counts_each_attribute_separately():
+    spec = S.ShapesSpec()
+    prompts = S.indistribution_prompts(spec, 6, seed=0)
+    images = [S.render(S.parse_caption(p), 32) for p in prompts]
+    moved = []
+    for p in prompts[:3]:  # right everything but the position
+        a = S.parse_caption(p)
+        a["position"] = "top left" if a["position"] == "bottom right" else "bottom right"
+        moved.append(S.render(a, 32))
+    got = S.score(moved + images[3:], prompts, spec)
+    assert got == {"color": 1.0, "shape": 1.0, "size": 1.0, "position": 0.5, "background": 1.0, "both": 1.0, "all": 0.5}
+    assert S.chance_levels(spec) == pytest.approx({"color": 1 / 6, "shape": 1 / 3, "size": 1 / 2, "position": 1 / 9,
+                                                   "background": 1 / 3})
+
+
+def test_evaluate_shapes_scores_both_splits_and_logs(tmp_path):
+    spec = S.ShapesSpec()
+    # a "model" that always draws a circle: right on held-out blue circles only, and on trained circles
+    pipe = DrawPipe(lambda a: {**a, "shape": "circle"})
+    metrics, images = evaluation.evaluate_shapes(pipe, spec, per_pair=4, in_distribution=30, steps=3)
+    prompts, kw = pipe.calls[0]
+    assert len(prompts) == 12 + 30 and images.shape == (42, 32, 32, 3) and kw["steps"] == 3
+    h, d = metrics["heldout"], metrics["in_distribution"]
+    assert h["num_samples"] == metrics["num_samples"] == 12 and d["num_samples"] == 30
+    assert h["shape"] == metrics["shape_accuracy"] == pytest.approx(1 / 3)  # blue circle is 1 of 3 held-out pairs
+    assert h["per_pair"]["blue circle"]["shape"] == 1.0 and h["per_pair"]["red triangle"]["shape"] == 0.0
+    circles = np.mean([S.parse_caption(p)["shape"] == "circle" for p in prompts[12:]])
+    assert d["shape"] == pytest.approx(circles) and 0 < circles < 1
+    for split in (h, d):
+        assert split["color"] == split["size"] == split["position"] == split["background"] == 1.0
+
+    path = evaluation.write_eval(tmp_path, metrics, images)
+    assert json.loads(path.read_text())["in_distribution"]["shape"] == pytest.approx(circles)
+    evaluation.log_to_tensorboard(tmp_path, metrics, 7)
+    scalars = tb_scalars(tmp_path / "tb")
+    assert scalars["eval/heldout/shape"] == [(7, pytest.approx(1 / 3))]
+    assert scalars["eval/in_distribution/position"] == [(7, 1.0)]
+    text = evaluation.format_metrics(metrics)
+    assert "in_distribution (30 samples): color 100.0%" in text and "heldout (12 samples)" in text

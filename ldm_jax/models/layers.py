@@ -13,6 +13,8 @@ axes `data`, `fsdp`, `tensor`. Names used for parameters:
 """
 from __future__ import annotations
 
+import collections
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -119,19 +121,48 @@ def layer_norm(
     )
 
 
+# Which attention implementation each traced attention call used ("cpu-blocked"/"cpu-matmul", "cudnn", "xla"):
+# bench/device_check.py prints it. LDM_JAX_ATTENTION=xla|cudnn forces the GPU choice (default: auto).
+ATTENTION_PATHS: collections.Counter = collections.Counter()
+
+
+def gpu_attention_impl(dtype: Any, head_dim: int, mask: jax.Array | None, choice: str | None = None) -> str:
+    """'cudnn' (fused flash attention) where cuDNN takes the call — fp16/bf16, head width ≤ 128 and a multiple of 8,
+    no explicit mask (causal is fine) — else 'xla'. `choice` (default $LDM_JAX_ATTENTION or 'auto') forces one."""
+    choice = (choice or os.environ.get("LDM_JAX_ATTENTION", "auto")).lower()
+    if choice not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"LDM_JAX_ATTENTION must be auto, xla or cudnn, got {choice!r}")
+    if choice != "auto":
+        return choice
+    fits = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim <= 128 and head_dim % 8 == 0
+    return "cudnn" if fits and mask is None else "xla"
+
+
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False
 ) -> jax.Array:
     """Scaled dot-product attention on (batch, length, heads, head_dim) through `jax.nn.dot_product_attention`.
 
-    XLA picks the fused cuDNN kernel on GPUs where it applies. On CPU the same math is written as head-major
-    batched matmuls, which XLA:CPU runs ~3x faster than `dot_product_attention`'s (B,T,N,H) einsums
-    (one 4096-token, 8-head SD attention layer on 2 cores: 5-14 s -> 2-4 s, measured while the cores were shared),
-    and long unmasked attention is computed in query blocks (`_attention_query_blocks`) so that the logits of a
-    block stay in cache instead of going through memory whole (SD1 at 64x64: 4096x4096 logits per head).
+    On GPUs the fused cuDNN kernel is asked for explicitly where it applies (`gpu_attention_impl`; JAX's default
+    implementation is XLA's, unfused); if cuDNN refuses the call at trace time, XLA's is used. On CPU the same math
+    is written as head-major batched matmuls, which XLA:CPU runs ~3x faster than `dot_product_attention`'s
+    (B,T,N,H) einsums (one 4096-token, 8-head SD attention layer on 2 cores: 5-14 s -> 2-4 s, measured while the
+    cores were shared), and long unmasked attention is computed in query blocks (`_attention_query_blocks`) so
+    that the logits of a block stay in cache instead of going through memory whole (SD1 at 64x64: 4096x4096
+    logits per head).
     """
-    if jax.default_backend() == "cpu":
+    backend = jax.default_backend()
+    if backend == "cpu":
         return _attention_head_major(q, k, v, mask=mask, is_causal=is_causal)
+    if backend in ("gpu", "cuda") and gpu_attention_impl(q.dtype, q.shape[-1], mask) == "cudnn":
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
+            ATTENTION_PATHS["cudnn"] += 1
+            return out
+        except (RuntimeError, ValueError, NotImplementedError, TypeError):
+            if os.environ.get("LDM_JAX_ATTENTION", "auto").lower() == "cudnn":
+                raise
+    ATTENTION_PATHS["xla"] += 1
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
 
 
@@ -146,7 +177,9 @@ def _attention_head_major(
         while block > 8 and b * block * s > BLOCK_LOGITS:
             block //= 2
         if 8 <= block <= t:
+            ATTENTION_PATHS["cpu-blocked"] += 1
             return _attention_query_blocks(q, k, v, block)
+    ATTENTION_PATHS["cpu-matmul"] += 1
     scale = q.shape[-1] ** -0.5
     qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, N, T, H)
     logits = (qh * jnp.asarray(scale, q.dtype)) @ jnp.swapaxes(kh, -1, -2)

@@ -37,8 +37,16 @@ def test_param_count_sd1_and_sd2():
     assert _count(UNET_PRESETS["sd2"]) == 865_910_724
 
 
+def test_param_count_sdxl_equals_diffusers(goldens_dir):
+    """diffusers' UNet2DConditionModel from the published SDXL configs, counted on the meta device."""
+    counts = json.loads((goldens_dir / "unet_param_counts.json").read_text())
+    assert counts["sdxl-base"] == 2_567_463_684 and counts["sdxl-refiner"] == 2_259_526_660
+    for name in ("sd1", "sd2", "sdxl-base", "sdxl-refiner"):
+        assert _count(UNET_PRESETS[name]) == counts[name], name
+
+
 def test_config_from_compvis_tells_sd1_from_sd2():
-    for name in ("sd1", "sd2"):
+    for name in ("sd1", "sd2", "sdxl-base", "sdxl-refiner"):
         kw = UNET_PRESETS[name]
         shapes = iu._abstract_params_cache(kw)
         fake = {iu.COMPVIS_PREFIX + key: jax.ShapeDtypeStruct(iu._torch_shape(shapes[p].shape, kind), jnp.float32)
@@ -46,8 +54,10 @@ def test_config_from_compvis_tells_sd1_from_sd2():
         got = iu.config_from_compvis(fake)
         want = UNet(**kw)
         for field in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim",
-                      "use_linear_in_transformer", "num_heads", "num_head_channels", "transformer_depth"):
-            assert got[field] == getattr(want, field), (name, field)
+                      "use_linear_in_transformer", "num_heads", "num_head_channels", "transformer_depth",
+                      "adm_in_channels"):
+            assert getattr(UNet(**got), field) == getattr(want, field), (name, field)
+        assert UNet(**got).depth(len(want.channel_mult)) == want.depth(len(want.channel_mult)), name  # mid block
         assert tuple(got["channel_mult"]) == want.channel_mult
         assert tuple(got["attention_resolutions"]) == want.attention_resolutions
 
@@ -65,12 +75,14 @@ def test_diffusers_config_of_sd1():
 
 # ------------------------------------------------------------------ parity with diffusers
 
-@pytest.fixture(scope="module", params=["sd1", "sd2", "cls"])
+@pytest.fixture(scope="module", params=["sd1", "sd2", "cls", "sdxl", "refiner", "g8"])
 def golden(request, goldens_dir):
     g, cfg, sd = _golden_weights(goldens_dir, request.param)
     kw = iu.config_from_diffusers(cfg)
     params = iu.from_diffusers(StrictStateDict(sd, "golden"), kw)
-    out = jax.jit(UNet(**kw).apply)({"params": params}, g["x"], g["timesteps"], g.get("context"), g.get("y"))
+    model = UNet(**kw)
+    y = model.added_cond(g["text_embeds"], g["time_ids"]) if "time_ids" in g else g.get("y")
+    out = jax.jit(model.apply)({"params": params}, g["x"], g["timesteps"], g.get("context"), y)
     return request.param, g, cfg, sd, kw, params, np.asarray(out)
 
 
@@ -79,7 +91,8 @@ def test_matches_diffusers(golden):
     for ref in (g["out"], g["out64"]):  # PyTorch fp32 and fp64
         assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), name
     assert kw["in_channels"] == cfg["in_channels"]
-    assert kw["use_spatial_transformer"] == (name != "cls")
+    assert kw["use_spatial_transformer"] == (name not in ("cls", "g8"))
+    assert kw["norm_num_groups"] == cfg.get("norm_num_groups", 32) and kw["norm_eps"] == cfg.get("norm_eps", 1e-5)
 
 
 def test_diffusers_round_trip_exact(golden):
@@ -95,7 +108,9 @@ def test_compvis_path_loads_same_params(golden):
     cv = iu.to_compvis(params, kw)
     assert all(k.startswith("model.diffusion_model.") for k in cv)
     assert "model.diffusion_model.input_blocks.0.0.weight" in cv and "model.diffusion_model.out.2.bias" in cv
-    got = iu.config_from_compvis(cv, num_heads=kw["num_heads"], num_head_channels=kw["num_head_channels"])
+    got = iu.config_from_compvis(cv, num_heads=kw["num_heads"], num_head_channels=kw["num_head_channels"],
+                                 norm_num_groups=kw["norm_num_groups"], norm_eps=kw["norm_eps"],
+                                 **({"addition_time_embed_dim": kw["addition_time_embed_dim"]} if "adm_in_channels" in kw else {}))
     assert got == kw
     p2 = iu.from_compvis(StrictStateDict(cv), got)
     a, b = flatten(params), flatten(p2)

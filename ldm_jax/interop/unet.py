@@ -32,11 +32,7 @@ _COMPVIS_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj":
 def _abstract_params(kwargs: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat {path: ShapeDtypeStruct} of the UNet's parameters (eval_shape, nothing allocated)."""
     model = UNet(**kwargs)
-    f = 2 ** (len(model.channel_mult) - 1)
-    x = jnp.zeros((1, f, f, model.in_channels))
-    ctx = None if model.context_dim is None else jnp.zeros((1, 1, model.context_dim))
-    y = None if model.num_classes is None else jnp.zeros((1,), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,)), ctx, y))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *model.example_inputs()))
     return flatten(shapes["params"])
 
 
@@ -51,6 +47,8 @@ def _block_prefixes(kwargs: Mapping[str, Any], layout: str) -> dict[str, tuple[s
         "time_embedding_linear_1": ("time_embed.0" if cv else "time_embedding.linear_1", "leaf"),
         "time_embedding_linear_2": ("time_embed.2" if cv else "time_embedding.linear_2", "leaf"),
         "class_embedding": ("label_emb" if cv else "class_embedding", "leaf"),
+        "add_embedding_linear_1": ("label_emb.0.0" if cv else "add_embedding.linear_1", "leaf"),
+        "add_embedding_linear_2": ("label_emb.0.2" if cv else "add_embedding.linear_2", "leaf"),
         "norm_out": ("out.0" if cv else "conv_norm_out", "leaf"),
         "conv_out": ("out.2" if cv else "conv_out", "leaf"),
         "mid_res_0": ("middle_block.0" if cv else "mid_block.resnets.0", "res"),
@@ -228,8 +226,9 @@ def to_compvis(params: Mapping[str, Any], kwargs: Mapping[str, Any], prefix: str
 
 # ---------------------------------------------------------------------------------------------- configs
 
-_DIFFUSERS_FIXED = {"norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
-                    "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
+_DIFFUSERS_FIXED = {"flip_sin_to_cos": True, "freq_shift": 0,
+                    "class_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+                    "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
                     "time_embedding_type": "positional", "conv_in_kernel": 3, "conv_out_kernel": 3,
                     "only_cross_attention": False, "dual_cross_attention": False, "center_input_sample": False}
 
@@ -241,6 +240,14 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"diffusers UNet config {k}={cfg[k]!r} is not supported (only {want!r})")
     if cfg.get("act_fn", "silu") != "silu":
         raise ValueError(f"diffusers UNet config act_fn={cfg['act_fn']!r} is not supported (only 'silu')")
+    if cfg.get("attn_norm_num_groups") not in (None, cfg.get("norm_num_groups", 32)):
+        raise ValueError(f"diffusers UNet config attn_norm_num_groups={cfg['attn_norm_num_groups']} differs from "
+                         f"norm_num_groups={cfg.get('norm_num_groups', 32)}: not supported")
+    if cfg.get("reverse_transformer_layers_per_block") is not None:
+        raise ValueError("diffusers UNet config reverse_transformer_layers_per_block is not supported")
+    if cfg.get("addition_embed_type") not in (None, "text_time"):
+        raise ValueError(f"diffusers UNet config addition_embed_type={cfg['addition_embed_type']!r} is not supported "
+                         "(only None or 'text_time')")
     if cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
         raise ValueError(f"diffusers UNet config mid_block_type={cfg['mid_block_type']!r} is not supported")
     bo = list(cfg["block_out_channels"])
@@ -263,7 +270,11 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
         attention_resolutions=tuple(sorted((2**i for i, t in enumerate(downs) if "Attn" in t), reverse=True)),
         use_scale_shift_norm=cfg.get("resnet_time_scale_shift", "default") == "scale_shift",
         num_classes=cfg.get("num_class_embeds"),
+        norm_num_groups=int(cfg.get("norm_num_groups", 32)), norm_eps=float(cfg.get("norm_eps", 1e-5)),
     )
+    if cfg.get("addition_embed_type") == "text_time":
+        kw.update(adm_in_channels=int(cfg["projection_class_embeddings_input_dim"]),
+                  addition_time_embed_dim=int(cfg.get("addition_time_embed_dim") or 256))
     if conditional:
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # SD's attention_head_dim = heads
         kw.update(context_dim=cfg.get("cross_attention_dim", 1280), use_spatial_transformer=True, resblock_updown=False,
@@ -297,10 +308,19 @@ def config_to_diffusers(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     heads = [m.heads(c) for c in bo]
     cfg: dict[str, Any] = dict(
         in_channels=m.in_channels, out_channels=m.out_channels, block_out_channels=bo,
-        layers_per_block=m.num_res_blocks, norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
+        layers_per_block=m.num_res_blocks, norm_num_groups=m.norm_num_groups, norm_eps=m.norm_eps, flip_sin_to_cos=True,
+        freq_shift=0,
         resnet_time_scale_shift="scale_shift" if m.use_scale_shift_norm else "default",
         num_class_embeds=m.num_classes, act_fn="silu",
     )
+    if m.adm_in_channels is not None:
+        if not m.use_spatial_transformer:
+            raise ValueError("diffusers expresses added conditioning (adm_in_channels) only in UNet2DConditionModel")
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=m.addition_time_embed_dim,
+                   projection_class_embeddings_input_dim=m.adm_in_channels)
+    if m.transformer_depth_middle is not None and m.transformer_depth_middle != m.depth(len(bo) - 1):
+        raise ValueError(f"diffusers' mid block takes the last level's transformer depth ({m.depth(len(bo) - 1)}); "
+                         f"transformer_depth_middle={m.transformer_depth_middle} cannot be saved in this layout")
     if m.use_spatial_transformer:
         if m.context_dim is None or m.resblock_updown or not m.conv_resample:
             raise ValueError("diffusers UNet2DConditionModel needs context_dim, resblock_updown=False, conv_resample=True")
@@ -323,7 +343,7 @@ def config_to_diffusers(kwargs: Mapping[str, Any]) -> dict[str, Any]:
                           for a in attn],
         up_block_types=["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" if m.resblock_updown else "UpBlock2D"
                         for a in reversed(attn)],
-        attn_norm_num_groups=32,  # diffusers' mid block drops its attention norm with scale_shift otherwise
+        attn_norm_num_groups=m.norm_num_groups,  # diffusers' mid block drops its attention norm with scale_shift otherwise
         downsample_type="resnet" if m.resblock_updown else "conv", upsample_type="resnet" if m.resblock_updown else "conv",
         add_attention=True,
     )
@@ -342,12 +362,15 @@ def _blocks_of(keys: list[str], pattern: str) -> dict[int, dict[int, set[str]]]:
 
 def config_from_compvis(
     tensors: Mapping[str, Any], prefix: str = COMPVIS_PREFIX, *, num_heads: int | None = None,
-    num_head_channels: int | None = None,
+    num_head_channels: int | None = None, norm_num_groups: int = 32, norm_eps: float = 1e-5,
+    addition_time_embed_dim: int = 256,
 ) -> dict[str, Any]:
     """Our UNet kwargs inferred from CompVis single-file tensor shapes.
 
-    Head counts are not visible in shapes: SD2-style (linear proj, context 1024) gets num_head_channels=64,
-    otherwise num_heads=8 (SD1); pass `num_heads` / `num_head_channels` for other models.
+    Head counts are not visible in shapes: SD2-style (linear proj, context 1024) and SDXL-style (vector
+    conditioning `label_emb.0.0`) get num_head_channels=64, otherwise num_heads=8 (SD1); pass
+    `num_heads` / `num_head_channels` for other models. GroupNorm groups and eps are not visible either
+    (every released SD/SDXL file uses 32 and 1e-5), nor is SDXL's Fourier width per micro-conditioning id (256).
     """
     shape = lambda k: tuple(tensors[prefix + k].shape)  # noqa: E731
     keys = [k[len(prefix):] for k in tensors if k.startswith(prefix)]
@@ -366,6 +389,8 @@ def config_from_compvis(
         if 1 in outs[n] and is_attn(outs[n][1]):
             attn_res.append(2**level)
             depths.append(len({s.split(".")[1] for s in outs[n][1] if s.startswith("transformer_blocks.")}))
+        else:
+            depths.append(None)  # a level without attention (SDXL's first): its depth is unused
     spatial = any(".transformer_blocks." in k for k in keys)
     kw: dict[str, Any] = dict(
         in_channels=cin, out_channels=shape("out.2.weight")[0], model_channels=mc, channel_mult=tuple(mult),
@@ -375,17 +400,26 @@ def config_from_compvis(
         resblock_updown=any(f"output_blocks.{n}" in k and ".in_layers." in k and not k.startswith(f"output_blocks.{n}.0.")
                             for n in ups for k in keys),
         num_classes=shape("label_emb.weight")[0] if "label_emb.weight" in keys else None,
+        norm_num_groups=norm_num_groups, norm_eps=norm_eps,
     )
+    if "label_emb.0.0.weight" in keys:  # SGM's vector conditioning (SDXL's pooled text + micro-conditioning)
+        kw.update(adm_in_channels=shape("label_emb.0.0.weight")[1], addition_time_embed_dim=addition_time_embed_dim)
     if spatial:
         k_key = next(k for k in keys if k.endswith("attn2.to_k.weight"))
         proj = next(k for k in keys if k.endswith("proj_in.weight"))
         kw.update(context_dim=shape(k_key)[1], use_linear_in_transformer=len(shape(proj)) == 2)
         depth_mid = len({k.split(".")[3] for k in keys if k.startswith("middle_block.1.transformer_blocks.")})
-        kw["transformer_depth"] = depths[0] if len(set(depths + [depth_mid])) == 1 else tuple(depths)
+        used = {d for d in depths if d is not None}
+        fill = depth_mid if used <= {depth_mid} else 1  # as diffusers' SDXL config: (1, 2, 10)
+        depths = [fill if d is None else d for d in depths]
+        kw["transformer_depth"] = depths[0] if len(set(depths)) == 1 else tuple(depths)
+        if depth_mid != depths[-1]:
+            kw["transformer_depth_middle"] = depth_mid
     else:
         kw["context_dim"] = None
     if num_heads is None and num_head_channels is None:
-        sd2 = spatial and kw["use_linear_in_transformer"] and kw["context_dim"] == 1024
+        # SD2 and SDXL use 64-wide heads; SD1 and the LDM text models 8 heads
+        sd2 = spatial and kw["use_linear_in_transformer"] and (kw["context_dim"] == 1024 or "adm_in_channels" in kw)
         num_heads, num_head_channels = (-1, 64) if sd2 else (8, -1)
     kw.update(num_heads=-1 if num_heads is None else num_heads,
               num_head_channels=-1 if num_head_channels is None else num_head_channels)

@@ -1,7 +1,10 @@
 """The LDM / Stable Diffusion UNet ("openaimodel" topology, Rombach et al. 2022, arXiv 2112.10752), NHWC Flax linen.
 
 Conditioning modes: cross-attention on `context` (text), class labels `y` added to the time embedding
-(`num_classes`), concatenated inputs (the caller concatenates channels; `in_channels` counts them), none.
+(`num_classes`), a float vector `y` (B, adm_in_channels) projected by a two-layer MLP and added to the
+time embedding (SDXL's pooled text + micro-conditioning, SGM's `label_emb` / diffusers' `add_embedding`
+with `addition_embed_type="text_time"`; build it with `UNet.added_cond`), concatenated inputs (the
+caller concatenates channels; `in_channels` counts them), none.
 `use_spatial_transformer=False` gives the unconditional LDMs' plain self-attention blocks.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ldm_jax.models.unet_blocks import (
     ResBlock,
     SpatialTransformer,
     Upsample,
+    micro_conditioning,
     timestep_embedding,
 )
 
@@ -54,6 +58,30 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         attention_resolutions=(8, 4, 2), num_heads=-1, num_head_channels=32, transformer_depth=1, context_dim=512,
     ),
     "ldm-kl8-txt2img": {**_SD1, "context_dim": 1280},
+    # SDXL (Podell et al. 2023; diffusers stable-diffusion-xl-base-1.0 / -refiner-1.0 unet/config.json)
+    "sdxl-base": dict(
+        in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2,
+        attention_resolutions=(4, 2), num_heads=-1, num_head_channels=64, transformer_depth=(1, 2, 10),
+        context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
+    ),
+    "sdxl-refiner": dict(
+        in_channels=4, out_channels=4, model_channels=384, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+        attention_resolutions=(4, 2), num_heads=-1, num_head_channels=64, transformer_depth=4,
+        context_dim=1280, use_linear_in_transformer=True, adm_in_channels=2560,
+    ),
+    # SDXL-base topology at reduced depth (1 and 2 transformer blocks instead of 2 and 10) for CPU benchmarks
+    "sdxl-small": dict(
+        in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2,
+        attention_resolutions=(4, 2), num_heads=-1, num_head_channels=64, transformer_depth=(1, 1, 2),
+        context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
+    ),
+    # the SDXL structure (no attention at the top level, per-level depth, text_time conditioning) in miniature
+    "sdxl-tiny": dict(
+        in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+        attention_resolutions=(4, 2), num_heads=-1, num_head_channels=8, transformer_depth=(1, 1, 1),
+        context_dim=32, use_linear_in_transformer=True, adm_in_channels=16 + 6 * 8, addition_time_embed_dim=8,
+        norm_num_groups=8,
+    ),
     # small enough to train on a CPU; text-conditioned like SD
     "tiny": dict(
         in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -77,6 +105,7 @@ class UNet(nn.Module):
     num_heads: int = 8  # -1 when num_head_channels gives the head width
     num_head_channels: int = -1
     transformer_depth: int | Sequence[int] = 1  # an int, or one per level
+    transformer_depth_middle: int | None = None  # None: the last level's depth (SGM's default)
     context_dim: int | None = None
     use_spatial_transformer: bool = True
     use_linear_in_transformer: bool = False
@@ -84,6 +113,10 @@ class UNet(nn.Module):
     resblock_updown: bool = False
     conv_resample: bool = True
     num_classes: int | None = None
+    adm_in_channels: int | None = None  # width of a float vector y added through an MLP (SDXL: 2816 / 2560)
+    addition_time_embed_dim: int = 256  # Fourier width per micro-conditioning id in `added_cond` (SDXL)
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5  # ResBlocks and norm_out (the transformers' GroupNorm keeps LDM's 1e-6)
     dropout: float = 0.0
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
@@ -100,9 +133,31 @@ class UNet(nn.Module):
         return self.num_heads
 
     def depth(self, level: int) -> int:
-        """Transformer blocks per attention layer at `level`."""
+        """Transformer blocks per attention layer at `level` (`level == len(channel_mult)`: the middle block)."""
+        if level == len(self.channel_mult) and self.transformer_depth_middle is not None:
+            return self.transformer_depth_middle
         d = self.transformer_depth
-        return d if isinstance(d, int) else tuple(d)[level]
+        return d if isinstance(d, int) else tuple(d)[min(level, len(self.channel_mult) - 1)]
+
+    def example_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """Smallest valid (x, timesteps, context, y) of this UNet, for `init` / `jax.eval_shape`."""
+        f = 2 ** (len(self.channel_mult) - 1)
+        ctx = None if self.context_dim is None else jnp.zeros((batch, 1, self.context_dim))
+        if self.adm_in_channels is not None:
+            y = jnp.zeros((batch, self.adm_in_channels))
+        else:
+            y = None if self.num_classes is None else jnp.zeros((batch,), jnp.int32)
+        return jnp.zeros((batch, f, f, self.in_channels)), jnp.zeros((batch,)), ctx, y
+
+    def added_cond(self, pooled: jax.Array, ids: jax.Array) -> jax.Array:
+        """The vector `y` of an SDXL-style UNet: pooled text embedding (B, P) and micro-conditioning ids (B, n)."""
+        if self.adm_in_channels is None:
+            raise ValueError("this UNet takes no added conditioning (adm_in_channels=None)")
+        width = pooled.shape[-1] + ids.shape[-1] * self.addition_time_embed_dim
+        if pooled.ndim != 2 or ids.ndim != 2 or width != self.adm_in_channels:
+            raise ValueError(f"pooled {pooled.shape} + ids {ids.shape} x {self.addition_time_embed_dim} give width "
+                             f"{width}, but adm_in_channels={self.adm_in_channels}")
+        return micro_conditioning(pooled, ids, self.addition_time_embed_dim)
 
     def _check(self, x: jax.Array, timesteps: jax.Array, context: jax.Array | None, y: jax.Array | None) -> None:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
@@ -118,7 +173,14 @@ class UNet(nn.Module):
                 raise ValueError(f"UNet with context_dim={self.context_dim} needs context (B, L, {self.context_dim}), got {got}")
         elif context is not None:
             raise ValueError("this UNet has no cross-attention (context_dim=None) but context was given")
-        if (self.num_classes is None) != (y is None):
+        if self.num_classes is not None and self.adm_in_channels is not None:
+            raise ValueError("num_classes and adm_in_channels are exclusive (both feed y)")
+        if self.adm_in_channels is not None:
+            if y is None or y.shape != (x.shape[0], self.adm_in_channels):
+                got = None if y is None else y.shape
+                raise ValueError(f"UNet with adm_in_channels={self.adm_in_channels} needs y of shape "
+                                 f"({x.shape[0]}, {self.adm_in_channels}) (see UNet.added_cond), got {got}")
+        elif (self.num_classes is None) != (y is None):
             raise ValueError(f"class labels y must be given iff num_classes is set (num_classes={self.num_classes})")
 
     @nn.compact
@@ -145,6 +207,9 @@ class UNet(nn.Module):
                 embedding_init=layers.partitioned(nn.initializers.normal(1.0), ("vocab", "embed")),
             )
             emb = emb + table(y).astype(emb.dtype)
+        if self.adm_in_channels is not None:
+            a = layers.dense(4 * mc, name="add_embedding_linear_1", **kw)(y.astype(self.dtype))
+            emb = emb + layers.dense(4 * mc, name="add_embedding_linear_2", **kw)(nn.silu(a))
         if context is not None:
             context = context.astype(self.dtype)
 
@@ -153,13 +218,15 @@ class UNet(nn.Module):
         attn_cls = layers.maybe_remat(attn_cls, self.remat_policy, static_argnums=(3,))
 
         def resblock(ch: int, name: str, **extra: Any) -> nn.Module:
-            return res(ch, self.use_scale_shift_norm, dropout=self.dropout, name=name, **extra, **kw)
+            return res(ch, self.use_scale_shift_norm, dropout=self.dropout, norm_eps=self.norm_eps,
+                       norm_groups=self.norm_num_groups, name=name, **extra, **kw)
 
         def attention(ch: int, level: int, name: str) -> nn.Module:
             if self.use_spatial_transformer:
                 heads = self.heads(ch)
-                return attn_cls(heads, ch // heads, self.depth(level), self.dropout, self.remat_policy, name=name, **kw)
-            return attn_cls(self.heads(ch), name=name, **kw)
+                return attn_cls(heads, ch // heads, self.depth(level), self.dropout, self.remat_policy,
+                                self.norm_num_groups, name=name, **kw)
+            return attn_cls(self.heads(ch), self.norm_eps, self.norm_num_groups, name=name, **kw)
 
         constrain = lambda t: nn.with_logical_constraint(t, ("batch", "height", "width", "channels"))  # noqa: E731
         h = constrain(layers.conv(mc, 3, name="conv_in", **kw)(x.astype(self.dtype)))
@@ -182,7 +249,7 @@ class UNet(nn.Module):
                 ds *= 2
 
         h = resblock(h.shape[-1], "mid_res_0")(h, emb, train)
-        h = attention(h.shape[-1], levels - 1, "mid_attn")(h, context, train)
+        h = attention(h.shape[-1], levels, "mid_attn")(h, context, train)
         h = resblock(h.shape[-1], "mid_res_1")(h, emb, train)
 
         for level in reversed(range(levels)):
@@ -200,5 +267,5 @@ class UNet(nn.Module):
                 h = constrain(h)
                 ds //= 2
 
-        h = nn.silu(layers.group_norm(32, name="norm_out", **kw)(h))
+        h = nn.silu(layers.group_norm(self.norm_num_groups, epsilon=self.norm_eps, name="norm_out", **kw)(h))
         return layers.conv(self.out_channels, 3, kernel_init=nn.initializers.zeros_init(), name="conv_out", **kw)(h)

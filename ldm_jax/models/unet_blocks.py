@@ -33,6 +33,18 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
     return emb
 
 
+def micro_conditioning(pooled: jax.Array, ids: jax.Array, dim: int = 256) -> jax.Array:
+    """SDXL's added-conditioning vector (Podell et al. 2023, arXiv 2307.01952, sec. 2.2): [pooled | F(ids)].
+
+    `ids` (B, n) are the micro-conditioning numbers (base: original h, w, crop top, left, target h, w;
+    refiner: original h, w, crop top, left, aesthetic score); each gets a `dim`-wide sinusoidal embedding
+    (diffusers' `add_time_proj`, SGM's `ConcatTimestepEmbedderND`), flattened after the pooled text embedding.
+    """
+    ids = jnp.asarray(ids, jnp.float32)
+    fourier = timestep_embedding(ids.reshape(-1), dim).reshape(ids.shape[0], -1)
+    return jnp.concatenate([jnp.asarray(pooled, jnp.float32), fourier], axis=-1)
+
+
 def upsample_nearest(x: jax.Array) -> jax.Array:
     """2x nearest-neighbour upsampling of an NHWC tensor (a broadcast, no gather)."""
     b, h, w, c = x.shape
@@ -88,13 +100,14 @@ class ResBlock(nn.Module):
     down: bool = False
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    norm_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(layers.group_norm(32, epsilon=self.norm_eps, name="norm1", **kw)(x))
+        h = nn.silu(layers.group_norm(self.norm_groups, epsilon=self.norm_eps, name="norm1", **kw)(x))
         if self.up:
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.down:
@@ -102,7 +115,7 @@ class ResBlock(nn.Module):
         h = layers.conv(self.out_channels, 3, name="conv1", **kw)(h)
         t = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         t = layers.dense(t, name="time_emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
-        norm2 = layers.group_norm(32, epsilon=self.norm_eps, name="norm2", **kw)
+        norm2 = layers.group_norm(self.norm_groups, epsilon=self.norm_eps, name="norm2", **kw)
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(t, 2, axis=-1)
             h = norm2(h) * (1 + scale) + shift
@@ -190,6 +203,7 @@ class SpatialTransformer(nn.Module):
     depth: int = 1
     dropout: float = 0.0
     remat_policy: str = "none"
+    norm_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -198,7 +212,7 @@ class SpatialTransformer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, hgt, wid, c = x.shape
         inner = self.heads * self.head_dim
-        h = layers.group_norm(32, epsilon=1e-6, name="norm", **kw)(x).reshape(b, hgt * wid, c)
+        h = layers.group_norm(self.norm_groups, epsilon=1e-6, name="norm", **kw)(x).reshape(b, hgt * wid, c)
         h = layers.dense(inner, name="proj_in", **kw)(h)
         block = layers.maybe_remat(TransformerBlock, self.remat_policy, static_argnums=(3,))
         for i in range(self.depth):
@@ -212,6 +226,7 @@ class AttentionBlock(nn.Module):
 
     heads: int
     norm_eps: float = 1e-5
+    norm_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -219,7 +234,7 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array | None = None, train: bool = False) -> jax.Array:
         del context, train  # same call signature as SpatialTransformer
         b, hgt, wid, c = x.shape
-        h = layers.group_norm(32, epsilon=self.norm_eps, name="group_norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        h = layers.group_norm(self.norm_groups, epsilon=self.norm_eps, name="group_norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         h = Attention(self.heads, c // self.heads, qkv_bias=True, zero_out=True, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
             h.reshape(b, hgt * wid, c)
         )

@@ -42,7 +42,52 @@ CONFIGS = {
         attention_head_dim=16, resnet_time_scale_shift="scale_shift", num_class_embeds=10,
         downsample_type="resnet", upsample_type="resnet", attn_norm_num_groups=32, norm_num_groups=32,
     ),
+    # SDXL base structure: no attention at the top level, per-level transformer depth, head width 16,
+    # linear projections, text_time added conditioning; 8 GroupNorm groups and another eps (issue 18)
+    "sdxl": dict(
+        _class_name="UNet2DConditionModel", sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=[32, 64, 64], layers_per_block=1,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[2, 4, 4], cross_attention_dim=24, use_linear_projection=True,
+        transformer_layers_per_block=[1, 1, 2], addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=8, norm_eps=1e-6,
+    ),
+    # SDXL refiner structure: attention at the middle levels only, one depth everywhere, 5 micro-conditioning ids
+    "refiner": dict(
+        _class_name="UNet2DConditionModel", sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=[16, 32, 32, 32], layers_per_block=1,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[1, 2, 2, 2], cross_attention_dim=16, use_linear_projection=True,
+        transformer_layers_per_block=2, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 5 * 8, norm_num_groups=16,
+    ),
+    # a plain-attention UNet2DModel with 8 groups (the attention's GroupNorm takes the same count)
+    "g8": dict(
+        _class_name="UNet2DModel", sample_size=8, in_channels=3, out_channels=3,
+        block_out_channels=[16, 32], layers_per_block=1,
+        down_block_types=["AttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "AttnUpBlock2D"],
+        attention_head_dim=8, norm_num_groups=8, norm_eps=1e-6,
+    ),
 }
+# the published SDXL UNet configs (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, unet/config.json)
+SDXL_BASE = dict(
+    sample_size=128, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280], layers_per_block=2,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
+    transformer_layers_per_block=[1, 2, 10], addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+SDXL_REFINER = dict(
+    sample_size=128, in_channels=4, out_channels=4, block_out_channels=[384, 768, 1536, 1536], layers_per_block=2,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[6, 12, 24, 24], cross_attention_dim=1280, use_linear_projection=True,
+    transformer_layers_per_block=4, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2560, norm_num_groups=32,
+)
 SD2_FULL = dict(
     sample_size=96, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
@@ -82,6 +127,13 @@ def make_inputs(cfg: dict, seed: int) -> dict[str, np.ndarray]:
         inputs["context"] = rng.standard_normal((2, 5, cfg["cross_attention_dim"])).astype(np.float32)
     if cfg.get("num_class_embeds"):
         inputs["y"] = np.array([1, 7], np.int32)
+    if cfg.get("addition_embed_type") == "text_time":
+        n_ids = 5 if cfg["cross_attention_dim"] == 16 else 6  # the refiner config: aesthetic score, not target size
+        pooled = cfg["projection_class_embeddings_input_dim"] - cfg["addition_time_embed_dim"] * n_ids
+        inputs["text_embeds"] = rng.standard_normal((2, pooled)).astype(np.float32)
+        ids = [[64, 64, 0, 0, 64, 64], [1024, 768, 16, 8, 1024, 1024]] if n_ids == 6 else [[64, 64, 0, 0, 6.0],
+                                                                                              [1024, 768, 16, 8, 2.5]]
+        inputs["time_ids"] = np.array(ids, np.float32)
     return inputs
 
 
@@ -109,10 +161,15 @@ def main() -> None:
             kw["encoder_hidden_states"] = torch.from_numpy(inputs["context"])
         if "y" in inputs:
             kw["class_labels"] = torch.from_numpy(inputs["y"]).long()
+        if "time_ids" in inputs:
+            kw["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(inputs["text_embeds"]),
+                                       "time_ids": torch.from_numpy(inputs["time_ids"])}
         outs = []
         for dtype in (torch.float32, torch.float64):  # fp64 tells how well-conditioned the golden is
             model.to(dtype)
-            kw_dt = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kw.items()}
+            cast = lambda v: {k: cast(u) for k, u in v.items()} if isinstance(v, dict) else (  # noqa: E731
+                v.to(dtype) if v.is_floating_point() else v)
+            kw_dt = {k: cast(v) for k, v in kw.items()}
             with torch.no_grad():
                 x = torch.from_numpy(inputs["x"]).permute(0, 3, 1, 2).to(dtype)
                 out = model(x, torch.from_numpy(inputs["timesteps"]), **kw_dt).sample
@@ -124,8 +181,11 @@ def main() -> None:
         )
         err = np.abs(out - out64).max() / np.abs(out64).max()
         print(f"unet_{name}: {len(spec)} tensors, max|out| {np.abs(out).max():.4f}, torch fp32 vs fp64 {err:.2e}")
-    print("diffusers UNet2DConditionModel params: SD1", _count(diffusers.UNet2DConditionModel, {"cross_attention_dim": 768}),
-          "SD2", _count(diffusers.UNet2DConditionModel, SD2_FULL))
+    counts = {name: _count(diffusers.UNet2DConditionModel, cfg) for name, cfg in
+              (("sd1", {"cross_attention_dim": 768}), ("sd2", SD2_FULL), ("sdxl-base", SDXL_BASE),
+               ("sdxl-refiner", SDXL_REFINER))}
+    (HERE / "unet_param_counts.json").write_text(json.dumps(counts, indent=1) + "\n")
+    print("diffusers UNet2DConditionModel params:", counts)
 
 
 if __name__ == "__main__":

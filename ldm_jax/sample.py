@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from ldm_jax import cli
 from ldm_jax.images import image_grid, save_png
 
 
@@ -26,7 +27,10 @@ def _read_image(path: str, mode: str = "RGB") -> np.ndarray:
 
     if not pathlib.Path(path).is_file():
         raise app.UsageError(f"no image at {path}")
-    return np.asarray(Image.open(path).convert(mode))
+    try:
+        return np.asarray(Image.open(path).convert(mode))
+    except OSError as e:  # PIL.UnidentifiedImageError and truncated files
+        raise app.UsageError(f"cannot read the image {path}: {e}") from e
 
 
 def _define_flags() -> None:
@@ -60,6 +64,12 @@ def run(argv_flags=None) -> list[pathlib.Path]:
         raise app.UsageError("give exactly one of --workdir=DIR or --pretrained=PATH")
     if f.num_images < 1:
         raise app.UsageError("--num_images must be >= 1")
+    if f.mask and not f.init_image:
+        raise app.UsageError("--mask needs --init_image")
+    if pathlib.Path(f.out).exists() and not pathlib.Path(f.out).is_dir():
+        raise app.UsageError(f"--out={f.out} is a file, not a folder")
+    image = _read_image(f.init_image) if f.init_image else None  # bad files fail before the model loads
+    mask = _read_image(f.mask, "L") if f.mask else None
     pipe = load_workdir(f.workdir, step=f.checkpoint_step) if f.workdir else load_pretrained(f.pretrained)
     n = f.num_images
     if pipe.text_encoder is not None:
@@ -74,13 +84,9 @@ def run(argv_flags=None) -> list[pathlib.Path]:
     params: dict[str, Any] = dict(sampler=f.sampler, schedule=f.schedule, steps=f.steps,
                                   guidance_scale=f.guidance_scale, seed=f.seed,
                                   model=f.workdir or f.pretrained)
-    if f.mask and not f.init_image:
-        raise app.UsageError("--mask needs --init_image")
-    if f.init_image:
-        image = _read_image(f.init_image)
+    if image is not None:
         kwargs.update(height=image.shape[0], width=image.shape[1])
-        if f.mask:
-            mask = _read_image(f.mask, "L")
+        if mask is not None:
             strength = 1.0 if f.strength is None else f.strength
             images = pipe.inpaint(prompts, image, mask, strength=strength, **kwargs)
             params.update(mode="inpaint", init_image=f.init_image, mask=f.mask, strength=strength)
@@ -109,7 +115,7 @@ def run(argv_flags=None) -> list[pathlib.Path]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run()
+    cli.guarded(run)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,59 @@ def test_evaluation_scores_heldout_prompts(tmp_path):
     path = write_eval(tmp_path, metrics, images)
     assert json.loads(path.read_text())["color_accuracy"] == 1.0
     assert (tmp_path / "eval_grid.png").is_file()
+
+
+def _flags(**over):
+    import types
+
+    base = dict(workdir=None, pretrained=str(ROOT / "tests" / "goldens" / "tiny_sd"), prompt=["x"], negative_prompt="",
+                num_images=1, sampler="euler", schedule="karras", steps=2, guidance_scale=7.5, seed=0, height=None,
+                width=None, batch_size=None, init_image=None, strength=None, mask=None, checkpoint_step=None, out="out")
+    return types.SimpleNamespace(**{**base, **over})
+
+
+def _bad_inputs(tmp):
+    (tmp / "notes.txt").write_text("not an image")
+    (tmp / "empty_run" / "checkpoints").mkdir(parents=True)
+    (tmp / "bad.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{garbage}")
+    return [  # (flags, what the one line must say)
+        (dict(workdir=str(tmp / "nope"), pretrained=None), "nope is not a training workdir"),
+        (dict(workdir=str(tmp / "empty_run"), pretrained=None), "has no complete checkpoint yet"),
+        (dict(pretrained=str(tmp / "nope")), "is neither a diffusers folder"),
+        (dict(pretrained=str(tmp / "bad.safetensors")), "is not a readable safetensors file"),
+        (dict(init_image=str(tmp / "nope.png")), "no image at"),
+        (dict(init_image=str(tmp / "notes.txt")), "cannot read the image"),
+        (dict(out=str(tmp / "notes.txt")), "is a file, not a folder"),
+        (dict(sampler="bogus"), "unknown sampler 'bogus'; choose one of"),
+        (dict(schedule="bogus"), "unknown schedule 'bogus'"),
+        (dict(height=33), "multiples of 4"),
+        (dict(steps=0), "steps must be >= 1"),
+    ]
+
+
+def test_sample_user_errors_end_in_one_line(tmp_path, monkeypatch):
+    from ldm_jax import cli, pipeline, sample
+
+    monkeypatch.chdir(tmp_path)
+    real, loaded = pipeline.load_pretrained, {}
+    monkeypatch.setattr(pipeline, "load_pretrained", lambda p: loaded[p] if p in loaded else loaded.setdefault(p, real(p)))
+    for over, want in _bad_inputs(tmp_path):
+        with pytest.raises(SystemExit) as e:
+            cli.guarded(lambda: sample.run(_flags(**over)))
+        assert isinstance(e.value.code, str) and e.value.code.startswith("error: "), over
+        assert want in e.value.code and "\n" not in e.value.code, (over, e.value.code)
+    assert not (tmp_path / "out").exists()  # all failed before sampling
+    # a bug (an error raised inside a library, or of a type no check of ours raises) keeps its traceback
+    with pytest.raises(ValueError, match="operands could not be broadcast"):
+        cli.guarded(lambda: np.zeros(2) + np.zeros(3))
+    with pytest.raises(TypeError):
+        cli.guarded(lambda: sample.run(_flags(num_images="3")))
+
+
+def test_sample_cli_error_line_and_verbose_traceback(tmp_path):
+    res = _cli("--workdir=/nonexistent/run", "--prompt=x", cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1].startswith("error: /nonexistent/run is not a training workdir")
+    assert "Traceback" not in res.stderr
+    res = _cli("--workdir=/nonexistent/run", "--prompt=x", "--verbosity=1", cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" in res.stderr and "FileNotFoundError" in res.stderr

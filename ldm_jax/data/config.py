@@ -24,6 +24,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Random horizontal flip (training split only). Off by default: it contradicts captions that say
     # "left"/"right" (as shapes' do); turn it on for unconditional or class-conditional data.
     c.flip = False
+    # Aspect-ratio buckets (data/buckets.py): equal-area buckets of about resolution² in bucket_step-px steps, each
+    # batch from one bucket; each example then records original_size / crop_top_left / target_size (SDXL).
+    c.buckets = False
+    c.bucket_step = 64
+    c.bucket_max_aspect = 2.0
+    c.record_sizes = False  # record original_size / crop_top_left / target_size also without buckets
     c.small_images = "upscale"  # images whose smaller side is below `resolution`: "upscale" | "skip"
     c.shuffle = True
     c.num_epochs = 0  # 0 = repeat forever

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from ldm_jax.data import builders
+from ldm_jax.data import buckets, builders
 from ldm_jax.data.config import shapes_spec
 from ldm_jax.sharding import batch_sharding
 
@@ -138,24 +138,7 @@ def decode_image(data: bytes | np.ndarray, min_side: int = 0) -> np.ndarray:
 def crop_and_flip(image: np.ndarray, resolution: int, rng: np.random.Generator | None, *,
                   random_crop: bool, flip: bool) -> np.ndarray:
     """LDM preprocessing on uint8: resize the smaller side to `resolution`, crop a square, maybe flip."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    if min(h, w) != resolution:
-        scale = resolution / min(h, w)
-        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-        # Area averaging when shrinking (no aliasing, like LDM's INTER_AREA), bicubic when enlarging.
-        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
-        image = np.asarray(Image.fromarray(image).resize(size, resample=resample))
-        h, w = image.shape[:2]
-    if random_crop and rng is not None:
-        top, left = int(rng.integers(h - resolution + 1)), int(rng.integers(w - resolution + 1))
-    else:
-        top, left = (h - resolution) // 2, (w - resolution) // 2
-    image = image[top:top + resolution, left:left + resolution]
-    if flip and rng is not None and rng.random() < 0.5:
-        image = image[:, ::-1]
-    return np.ascontiguousarray(image)
+    return buckets.resize_and_crop(image, (resolution, resolution), rng, random_crop=random_crop, flip=flip)[0]
 
 
 def to_unit_range(image: Any) -> Any:
@@ -188,6 +171,7 @@ class _Preprocess(grain.transforms.RandomMap):
         self.resolution, self.skip_small = c.resolution, c.small_images == "skip"
         self.train, self.random_crop, self.flip = train, train and c.crop == "random", train and c.flip
         self.tokenizer = tokenizer if self.caption_key else None
+        self.record_sizes = bool(c.get("record_sizes", False) or c.get("buckets", False))
         self.skipped = self.upscaled = 0
         self._lock = threading.Lock()
 
@@ -208,8 +192,21 @@ class _Preprocess(grain.transforms.RandomMap):
                     log.warning("skipping image %s of size %s smaller than resolution %d (%d skipped so far)",
                                 name, image.shape[:2], self.resolution, self.skipped)
             return None
-        # uint8 until it reaches the device: 4x less to stack and copy; `DataIterator` scales it there
-        out = {"image": crop_and_flip(image, self.resolution, rng, random_crop=self.random_crop, flip=self.flip)}
+        return self.example(ex, (self.resolution, self.resolution), rng, decoded=image)
+
+    def example(self, ex: dict, size: tuple[int, int], rng: np.random.Generator | None,
+                decoded: np.ndarray | None = None) -> dict:
+        """One example cropped to `size` (h, w): image (uint8 until it reaches the device: 4x less to stack and
+        copy; `DataIterator` scales it there), input_ids, label, and with data.record_sizes SDXL's
+        micro-conditioning (original_size, crop_top_left, target_size; see data/buckets.py)."""
+        image = decode_image(ex[self.image_key], min(size)) if decoded is None else decoded
+        crop, top_left = buckets.resize_and_crop(image, size, rng, random_crop=self.random_crop, flip=self.flip)
+        out = {"image": crop}
+        if self.record_sizes:
+            # the size on disk (a JPEG may have been decoded at a reduced scale above)
+            out["original_size"] = np.asarray(buckets.image_size(ex[self.image_key]), np.int32)
+            out["crop_top_left"] = np.asarray(top_left, np.int32)
+            out["target_size"] = np.asarray(size, np.int32)
         if self.tokenizer is not None:
             text = _caption(ex, self.caption_key, rng if self.train else None)
             out["input_ids"] = np.asarray(self.tokenizer([text])[0], np.int32)
@@ -351,13 +348,19 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, mesh: Mesh, global_b
                                  f"({global_batch_size})")
     epochs = (c.num_epochs if train else 0) if num_epochs is None else num_epochs
     preprocess = _Preprocess(c, tokenizer, train, source.dataset_info.features)
+    meta = {"seed": seed, "split": split, "global_batch_size": global_batch_size, "num_processes": nproc,
+            "num_examples": len(source)}
+    if c.get("buckets", False):
+        ds, meta["buckets"] = _bucketed(c, source, preprocess, seed=seed, global_batch_size=global_batch_size,
+                                        shuffle=train and c.shuffle, num_epochs=epochs)
+        it = DataIterator(ds, mesh, global_batch_size, c.prefetch, meta)
+        it.preprocess = preprocess
+        return it
     ds = local_dataset(source, seed=seed, shuffle=train and c.shuffle, num_epochs=epochs,
                        process_index=jax.process_index(), process_count=nproc)
     ds = ds.random_map(preprocess, seed=seed)
     read = grain.ReadOptions(num_threads=max(1, c.num_threads), prefetch_buffer_size=max(1, c.read_buffer))
     ds = ds.to_iter_dataset(read).batch(global_batch_size // nproc, drop_remainder=True)
-    meta = {"seed": seed, "split": split, "global_batch_size": global_batch_size, "num_processes": nproc,
-            "num_examples": len(source)}
     it = DataIterator(ds, mesh, global_batch_size, c.prefetch, meta)
     it.preprocess = preprocess
     return it
@@ -372,3 +375,31 @@ def local_dataset(source: Any, *, seed: int, shuffle: bool, num_epochs: int, pro
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs or None)
     return ds[process_index::process_count]
+
+
+def _bucketed(c: ml_collections.ConfigDict, source: Any, preprocess: "_Preprocess", *, seed: int,
+              global_batch_size: int, shuffle: bool, num_epochs: int) -> tuple[Any, str]:
+    """grain dataset of this process's share of aspect-bucketed global batches (data/buckets.py)."""
+    sizes = buckets.make_buckets(c.resolution, int(c.get("bucket_step", 64)), float(c.get("bucket_max_aspect", 2.0)))
+    dims = [buckets.image_size(source[i][c.image_key]) for i in range(len(source))]
+    assignment = np.asarray([buckets.nearest_bucket(sizes, h, w) for h, w in dims])
+    if c.small_images == "skip":  # images that would have to be enlarged to cover their bucket
+        small = [max(sizes[b][0] / h, sizes[b][1] / w) > 1 for (h, w), b in zip(dims, assignment)]
+        assignment[np.asarray(small, bool)] = -1
+        if any(small):
+            log.warning("skipping %d image(s) smaller than their aspect bucket (data.small_images='skip')", sum(small))
+    plan = buckets.BucketPlan(assignment, len(sizes), global_batch_size, seed, shuffle)
+    if plan.per_epoch == 0:
+        raise builders.DataError(f"no aspect bucket holds a whole global batch of {global_batch_size} images "
+                                 f"(images per bucket: {[len(m) for m in plan.members]}); lower the batch size "
+                                 "or turn data.buckets off")
+    unused = [sizes[b] for b, n in enumerate(plan.batches_per_bucket) if n == 0 and len(plan.members[b])]
+    if unused:
+        log.warning("aspect buckets %s hold fewer images than one global batch and are never trained on", unused)
+    log.info("aspect buckets (h, w): %s", {sizes[b]: len(m) for b, m in enumerate(plan.members) if len(m)})
+    total = plan.per_epoch * num_epochs if num_epochs else 1 << 40
+    loader = buckets.BucketBatchLoader(source, plan, sizes, preprocess.example, jax.process_index(),
+                                       jax.process_count(), seed)
+    read = grain.ReadOptions(num_threads=max(1, c.num_threads), prefetch_buffer_size=max(1, c.prefetch))
+    ds = grain.MapDataset.range(total).map(loader).to_iter_dataset(read)
+    return ds, ",".join(f"{h}x{w}" for h, w in sizes)

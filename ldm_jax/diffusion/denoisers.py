@@ -2,7 +2,8 @@
 
 Samplers only see D; the parameterisation lives here (k-diffusion `external.py` for discrete
 CompVis models, Karras et al. 2022 Table 1 for EDM preconditioning), plus classifier-free guidance
-that evaluates the conditional and unconditional halves in one batched call.
+that evaluates the conditional and unconditional halves in one batched call and, for the CFG++
+samplers, hands out the unguided half too (`CFGDenoiser.with_uncond`).
 """
 from __future__ import annotations
 
@@ -69,6 +70,21 @@ class DiscreteDenoiser:
     def t_to_sigma(self, t):
         return schedules.t_to_sigma(t, np.log(self.sigmas))
 
+    def percent_to_sigma(self, percent: float) -> float:
+        """σ at the fraction `percent` of the denoising process (0: pure noise, 1: clean): the level
+        at timestep (1 − percent)·(T − 1), log-linear between training levels (ComfyUI's
+        `ModelSamplingDiscrete.percent_to_sigma`, its 999999999.9 above the top and 0 at the end)."""
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        log_sigmas = np.log(self.sigmas)
+        t = (1.0 - percent) * (log_sigmas.size - 1)
+        lo = int(np.floor(t))
+        hi = min(lo + 1, log_sigmas.size - 1)
+        w = t - lo
+        return float(np.exp((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]))
+
     def get_sigmas(self, n: int) -> jax.Array:
         """k-diffusion's "normal" schedule of this model."""
         return schedules.get_sigmas_normal(n, self.sigmas)
@@ -115,6 +131,8 @@ class CFGDenoiser:
     Flawed", eq. 15-16, as diffusers' `rescale_noise_cfg`): the guided ε is rescaled to the per-sample
     std of the conditional ε and mixed with weight φ.
     `cond`/`uncond` are dicts of keyword arrays with a leading batch axis (e.g. {"context": c}).
+    `with_uncond` returns the unguided D_u next to D from the same call: the CFG++ samplers need it,
+    and any denoiser that offers `with_uncond` can drive them (`has_uncond`).
     """
 
     denoiser: Callable[..., jax.Array]
@@ -124,6 +142,11 @@ class CFGDenoiser:
     guidance_rescale: float = 0.0
 
     def __call__(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
+        return self.with_uncond(x, sigma)[0]
+
+    def with_uncond(self, x: jax.Array, sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(guided D, unguided D_u) from the one batched call: what the CFG++ samplers
+        (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance") step with."""
         b = x.shape[0]
         sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (b,))
         out = self.denoiser(jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]),
@@ -131,14 +154,28 @@ class CFGDenoiser:
         d_uncond, d_cond = out[:b], out[b:]
         guided = d_uncond + self.scale * (d_cond - d_uncond)
         if isinstance(self.guidance_rescale, (int, float)) and self.guidance_rescale == 0:
-            return guided
+            return guided, d_uncond
         s = _bcast(sigma, x)
         eps_cond, eps_cfg = (x - d_cond) / s, (x - guided) / s
         axes = tuple(range(1, x.ndim))
         std_cond = jnp.std(eps_cond, axis=axes, keepdims=True, ddof=1)
         std_cfg = jnp.std(eps_cfg, axis=axes, keepdims=True, ddof=1)
         eps = self.guidance_rescale * eps_cfg * (std_cond / std_cfg) + (1 - self.guidance_rescale) * eps_cfg
-        return x - s * eps
+        return x - s * eps, d_uncond
+
+
+def has_uncond(denoiser) -> bool:
+    """Whether `denoiser` offers `with_uncond(x, σ) -> (guided, unguided)` (CFGDenoiser does)."""
+    return callable(getattr(denoiser, "with_uncond", None))
+
+
+def inner_discrete(denoiser) -> "DiscreteDenoiser | None":
+    """The DiscreteDenoiser under guidance / partial wrappers (`.denoiser`, `.func`), or None."""
+    for _ in range(8):
+        if isinstance(denoiser, DiscreteDenoiser):
+            return denoiser
+        denoiser = getattr(denoiser, "denoiser", None) or getattr(denoiser, "func", None)
+    return None
 
 
 def discrete_denoiser(model_fn: Callable[..., jax.Array], alphas_cumprod, prediction: str = "eps",
@@ -147,4 +184,5 @@ def discrete_denoiser(model_fn: Callable[..., jax.Array], alphas_cumprod, predic
     return DiscreteDenoiser(model_fn, alphas_cumprod, prediction, quantize)
 
 
-__all__ = ["PREDICTIONS", "DiscreteDenoiser", "EDMDenoiser", "CFGDenoiser", "discrete_denoiser"]
+__all__ = ["PREDICTIONS", "DiscreteDenoiser", "EDMDenoiser", "CFGDenoiser", "discrete_denoiser", "has_uncond",
+           "inner_discrete"]

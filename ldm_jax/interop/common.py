@@ -68,10 +68,15 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metada
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+    arrays = {k: _contiguous(np.asarray(v)) for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(arrays, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous without promoting 0-d arrays to 1-d (np.ascontiguousarray does; kohya's `.alpha` is 0-d)."""
+    return np.ascontiguousarray(a) if a.ndim else a
 
 
 def _to_float32(a: np.ndarray) -> np.ndarray:

@@ -168,7 +168,7 @@ def test_cfg_pp_rejects_a_denoiser_without_uncond(name):
     ("exp_heun_2_x0", dict(solver_type="midpoint"), "solver_type"),
     ("sa_solver", dict(SA, predictor_order=7), "predictor_order"),
     ("sa_solver_pece", dict(SA, corrector_order=-1), "corrector_order"),
-    ("sa_solver", {}, "tau_interval"),  # a plain denoiser has no noise levels
+    ("sa_solver", dict(key=jax.random.key(0)), "tau_interval"),  # a plain denoiser has no noise levels
     ("er_sde", {}, "key"),  # stochastic without key or noise_sampler
     ("seeds_3", {}, "key"),
     ("sa_solver", SA, "key"),

@@ -13,38 +13,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ldm_jax.diffusion.denoisers import has_uncond
 from ldm_jax.diffusion.samplers import Denoiser, _is_zero, check_inputs, default_noise, get_ancestral_step, scan_steps, to_d
-from ldm_jax.diffusion.samplers_comfy import (Predict, add_noise, gradient_estimation, positive, res_multistep, sigma_of,
-                                              t_of)
-
-
-def uncond_predict(name: str, denoiser) -> Predict:
-    """predict(x, σ) -> (D, D_u) through `denoiser.with_uncond`; a clear error for any other denoiser."""
-    if not has_uncond(denoiser):
-        raise TypeError(f"{name} is a CFG++ sampler and needs the unguided prediction: pass a denoiser with "
-                        f"with_uncond(x, sigma) -> (guided, unguided), e.g. denoisers.CFGDenoiser "
-                        f"(got {type(denoiser).__name__}); for an unguided model use the sampler without '_cfg_pp'")
-
-    def predict(x, sigma):
-        s = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
-        guided, uncond = denoiser.with_uncond(x, s)
-        for name_, v in (("guided", guided), ("unguided", uncond)):
-            if v.shape != x.shape:
-                raise ValueError(f"with_uncond returned a {name_} prediction of shape {tuple(v.shape)}, "
-                                 f"expected x's shape {tuple(x.shape)}")
-        return guided.astype(x.dtype), uncond.astype(x.dtype)
-
-    return predict
+from ldm_jax.diffusion.samplers_comfy import (add_noise, gradient_estimation, positive, predictor, res_multistep,
+                                              sigma_of, t_of)
 
 
 def sample_euler_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                   eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
     """Ancestral Euler with CFG++: x' = D + σ_down·(x − D_u)/σ + σ_up·s_noise·ε; D on the last step."""
-    predict = uncond_predict("euler_ancestral_cfg_pp", denoiser)
     stochastic = positive(eta) and positive(s_noise)
     x, sigmas = check_inputs("euler_ancestral_cfg_pp", x, sigmas, needs_noise=stochastic, key=key,
                              noise_sampler=noise_sampler)
+    predict = predictor("euler_ancestral_cfg_pp", denoiser, cfg_pp=True)
     ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None  # σ_down keeps η either way
 
     def body(carry, i):
@@ -69,10 +49,10 @@ def sample_dpmpp_2s_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *
     """DPM-Solver++(2S) ancestral with CFG++ (ComfyUI `dpmpp_2s_ancestral_cfg_pp`). As ComfyUI, the
     final update shifts x by D − D_u with D_u of the *midpoint* evaluation (its post-CFG hook keeps
     the last unguided prediction)."""
-    predict = uncond_predict("dpmpp_2s_ancestral_cfg_pp", denoiser)
     stochastic = not _is_zero(eta)
     x, sigmas = check_inputs("dpmpp_2s_ancestral_cfg_pp", x, sigmas, needs_noise=stochastic, key=key,
                              noise_sampler=noise_sampler)
+    predict = predictor("dpmpp_2s_ancestral_cfg_pp", denoiser, cfg_pp=True)
     ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
 
     def body(carry, i):
@@ -101,8 +81,8 @@ def sample_dpmpp_2s_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *
 def sample_dpmpp_2m_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None) -> jax.Array:
     """DPM-Solver++(2M) with CFG++ (ComfyUI `dpmpp_2m_cfg_pp`): x' = D + e^{−h}(x − D_u) − (e^{−h} − 1)
     ·(D − D_u,prev)/(2r); first order on the first step, x' = D on the last."""
-    predict = uncond_predict("dpmpp_2m_cfg_pp", denoiser)
     x, sigmas = check_inputs("dpmpp_2m_cfg_pp", x, sigmas)
+    predict = predictor("dpmpp_2m_cfg_pp", denoiser, cfg_pp=True)
 
     def body(carry, i):
         x, old_uncond = carry
@@ -124,27 +104,25 @@ def sample_dpmpp_2m_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None
 def sample_res_multistep_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                 s_noise: float = 1.0) -> jax.Array:
     """RES multistep with CFG++ (ComfyUI `res_multistep_cfg_pp`)."""
-    return res_multistep("res_multistep_cfg_pp", uncond_predict("res_multistep_cfg_pp", denoiser), x, sigmas,
-                         key, noise_sampler, eta=0.0, s_noise=s_noise, cfg_pp=True)
+    return res_multistep("res_multistep_cfg_pp", denoiser, x, sigmas, key, noise_sampler, eta=0.0, s_noise=s_noise,
+                         cfg_pp=True)
 
 
 def sample_res_multistep_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
                                           noise_sampler=None, eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
     """Ancestral RES multistep with CFG++ (ComfyUI `res_multistep_ancestral_cfg_pp`)."""
-    name = "res_multistep_ancestral_cfg_pp"
-    return res_multistep(name, uncond_predict(name, denoiser), x, sigmas, key, noise_sampler, eta=eta,
+    return res_multistep("res_multistep_ancestral_cfg_pp", denoiser, x, sigmas, key, noise_sampler, eta=eta,
                          s_noise=s_noise, cfg_pp=True)
 
 
 def sample_gradient_estimation_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                       ge_gamma: float = 2.0) -> jax.Array:
     """Gradient estimation with CFG++ (ComfyUI `gradient_estimation_cfg_pp`)."""
-    name = "gradient_estimation_cfg_pp"
-    return gradient_estimation(name, uncond_predict(name, denoiser), x, sigmas, ge_gamma=ge_gamma, cfg_pp=True)
+    return gradient_estimation("gradient_estimation_cfg_pp", denoiser, x, sigmas, ge_gamma=ge_gamma, cfg_pp=True)
 
 
 __all__ = [
-    "uncond_predict", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp", "sample_dpmpp_2s_ancestral_cfg_pp",
+    "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp", "sample_dpmpp_2s_ancestral_cfg_pp",
     "sample_dpmpp_2m_cfg_pp", "sample_res_multistep_cfg_pp", "sample_res_multistep_ancestral_cfg_pp",
     "sample_gradient_estimation_cfg_pp",
 ]

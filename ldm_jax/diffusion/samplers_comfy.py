@@ -8,8 +8,8 @@ Each Gaussian draw goes through `noise_sampler(i, sigma, sigma_next)` in ComfyUI
 that ComfyUI multiplies by a static zero (η = 0, s_churn = 0) are not taken.
 
 All of them work in k-diffusion's σ space (x = x0 + σ·ε, α = 1), where ComfyUI's half-log-SNR is
-λ = −log σ. `res_multistep` and `gradient_estimation` take a `predict(x, σ) -> (D, D_u)` so the
-CFG++ variants (`samplers_cfgpp`) are the same code with the unguided prediction D_u.
+λ = −log σ. `res_multistep` and `gradient_estimation` step with `predictor(...)(x, σ) -> (D, D_u)`,
+so their CFG++ variants (`samplers_cfgpp`) are the same code fed the unguided prediction D_u.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ldm_jax.diffusion.denoisers import has_uncond
 from ldm_jax.diffusion.samplers import (Denoiser, _churn, _is_zero, call_denoiser, check_inputs, default_noise,
                                         draw, get_ancestral_step, scan_steps, to_d)
 
@@ -40,12 +41,29 @@ def positive(v) -> bool:
     return not isinstance(v, (int, float)) or v > 0
 
 
-def plain_predict(denoiser: Denoiser) -> Predict:
-    """(D, D) — the guided prediction stands in for the unguided one outside CFG++."""
-    def predict(x, sigma):
-        d = call_denoiser(denoiser, x, sigma)
-        return d, d
-    return predict
+def predictor(name: str, denoiser, cfg_pp: bool) -> Predict:
+    """predict(x, σ) -> (D, D_u). Outside CFG++ D stands in for D_u; CFG++ takes both from
+    `denoiser.with_uncond` (one batched call) and rejects any other denoiser with a clear error."""
+    if not cfg_pp:
+        def plain(x, sigma):
+            d = call_denoiser(denoiser, x, sigma)
+            return d, d
+        return plain
+    if not has_uncond(denoiser):
+        raise TypeError(f"{name} is a CFG++ sampler and needs the unguided prediction: pass a denoiser with "
+                        f"with_uncond(x, sigma) -> (guided, unguided), e.g. denoisers.CFGDenoiser "
+                        f"(got {type(denoiser).__name__}); for an unguided model use the sampler without '_cfg_pp'")
+
+    def guided_and_uncond(x, sigma):
+        s = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
+        guided, uncond = denoiser.with_uncond(x, s)
+        for what, v in (("guided", guided), ("unguided", uncond)):
+            if v.shape != x.shape:
+                raise ValueError(f"with_uncond returned a {what} prediction of shape {tuple(v.shape)}, "
+                                 f"expected x's shape {tuple(x.shape)}")
+        return guided.astype(x.dtype), uncond.astype(x.dtype)
+
+    return guided_and_uncond
 
 
 def add_noise(x, cnt, ns, sigma, sigma_next, scale):
@@ -61,11 +79,12 @@ def add_noise(x, cnt, ns, sigma, sigma_next, scale):
 # for Diffusion Models Sampling", arXiv 2308.02157) and gradient estimation.
 
 
-def res_multistep(name: str, predict: Predict, x, sigmas, key, noise_sampler, *, eta, s_noise, cfg_pp: bool):
+def res_multistep(name: str, denoiser, x, sigmas, key, noise_sampler, *, eta, s_noise, cfg_pp: bool):
     """Second-order RES multistep in t = −log σ with ancestral steps; Euler on the first and last step."""
     stochastic = not is_zero(eta)
     x, sigmas = check_inputs(name, x, sigmas, needs_noise=stochastic, key=key, noise_sampler=noise_sampler)
     ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
+    predict = predictor(name, denoiser, cfg_pp)
 
     def body(carry, i):
         x, old_denoised, old_sigma_down, cnt = carry
@@ -99,21 +118,22 @@ def res_multistep(name: str, predict: Predict, x, sigmas, key, noise_sampler, *,
 def sample_res_multistep(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                          s_noise: float = 1.0) -> jax.Array:
     """RES second-order multistep (ComfyUI `res_multistep`), deterministic."""
-    return res_multistep("res_multistep", plain_predict(denoiser), x, sigmas, key, noise_sampler, eta=0.0,
+    return res_multistep("res_multistep", denoiser, x, sigmas, key, noise_sampler, eta=0.0,
                          s_noise=s_noise, cfg_pp=False)
 
 
 def sample_res_multistep_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                    eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
     """RES second-order multistep with ancestral noise (ComfyUI `res_multistep_ancestral`)."""
-    return res_multistep("res_multistep_ancestral", plain_predict(denoiser), x, sigmas, key, noise_sampler,
+    return res_multistep("res_multistep_ancestral", denoiser, x, sigmas, key, noise_sampler,
                          eta=eta, s_noise=s_noise, cfg_pp=False)
 
 
-def gradient_estimation(name: str, predict: Predict, x, sigmas, *, ge_gamma, cfg_pp: bool):
+def gradient_estimation(name: str, denoiser, x, sigmas, *, ge_gamma, cfg_pp: bool):
     """Euler steps plus (γ − 1)·(d_i − d_{i−1})·dt (Permenter & Yuan 2024, "Interpreting and Improving
     Diffusion Models from an Optimization Perspective", ICML; ComfyUI `gradient_estimation`)."""
     x, sigmas = check_inputs(name, x, sigmas)
+    predict = predictor(name, denoiser, cfg_pp)
 
     def body(carry, i):
         x, old_d = carry
@@ -131,7 +151,7 @@ def gradient_estimation(name: str, predict: Predict, x, sigmas, *, ge_gamma, cfg
 def sample_gradient_estimation(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                ge_gamma: float = 2.0) -> jax.Array:
     """Gradient-estimation sampler (ComfyUI `gradient_estimation`), γ = `ge_gamma`."""
-    return gradient_estimation("gradient_estimation", plain_predict(denoiser), x, sigmas, ge_gamma=ge_gamma,
+    return gradient_estimation("gradient_estimation", denoiser, x, sigmas, ge_gamma=ge_gamma,
                                cfg_pp=False)
 
 
@@ -377,7 +397,7 @@ def sample_ipndm_v(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_
 
 
 __all__ = [
-    "res_multistep", "gradient_estimation", "plain_predict", "sample_res_multistep", "sample_res_multistep_ancestral",
+    "res_multistep", "gradient_estimation", "predictor", "sample_res_multistep", "sample_res_multistep_ancestral",
     "sample_gradient_estimation", "sample_er_sde", "er_sde_noise_scaler", "sample_seeds_2", "sample_seeds_3",
     "sample_exp_heun_2_x0", "sample_exp_heun_2_x0_sde", "sample_heunpp2", "sample_ipndm_v",
 ]

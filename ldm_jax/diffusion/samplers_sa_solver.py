@@ -86,13 +86,11 @@ def sample_sa_solver(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, nois
     for opt, v, lo in (("predictor_order", predictor_order, 1), ("corrector_order", corrector_order, 0)):
         if not isinstance(v, int) or not lo <= v <= 6:
             raise ValueError(f"{name}: {opt} must be an int in [{lo}, 6], got {v!r}")
+    stochastic = positive(s_noise) and (tau_func is not None or positive(eta))
+    x, sigmas = check_inputs(name, x, sigmas, needs_noise=stochastic, key=key, noise_sampler=noise_sampler)
     if tau_func is None:
         start, end = _default_interval(denoiser, name) if tau_interval is None else tau_interval
         tau_func = interval_tau(start, end, eta)
-        stochastic = positive(eta) and positive(s_noise)
-    else:
-        stochastic = positive(s_noise)
-    x, sigmas = check_inputs(name, x, sigmas, needs_noise=stochastic, key=key, noise_sampler=noise_sampler)
     ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
     n = sigmas.shape[0] - 1
     m = max(predictor_order, corrector_order)

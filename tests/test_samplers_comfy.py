@@ -207,3 +207,23 @@ def test_one_program_per_schedule_length_and_noise_per_sample(name, opts):
         return  # the toy CFGDenoiser's cond arrays are sized for the full batch
     half = run(x[:2], jnp.asarray(schedules.get_sigmas_karras(6, 0.03, 15.0)), keys[:2])
     np.testing.assert_allclose(half, a[:2], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_denoiser_keeps_cfg_pp_and_noise_levels():
+    """MaskedDenoiser (plain-UNet inpainting) masks both halves of with_uncond and offers it only
+    when its inner denoiser does; sa_solver still finds the model's noise levels through it."""
+    x = jnp.asarray(G["x_init"], jnp.float32)
+    s = jnp.full((x.shape[0],), 0.8, jnp.float32)
+    m = (jnp.arange(x.shape[-1]) == 0).astype(jnp.float32)
+    known = jnp.full_like(x, 0.25)
+    cfg = _denoiser(True, [])
+    masked = denoisers.MaskedDenoiser(cfg, m, known)
+    g, u = jax.jit(masked.with_uncond)(x, s)
+    g0, u0 = jax.jit(cfg.with_uncond)(x, s)
+    np.testing.assert_allclose(g, m * g0 + (1 - m) * known, rtol=1e-6)
+    np.testing.assert_allclose(u, m * u0 + (1 - m) * known, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(masked)(x, s), g, rtol=1e-6)
+    assert denoisers.has_uncond(masked)
+    assert not denoisers.has_uncond(denoisers.MaskedDenoiser(_mix("mix_c"), m, known))
+    sd = denoisers.DiscreteDenoiser(lambda x, t: x, schedules.alphas_cumprod(schedules.make_betas("linear")))
+    assert denoisers.inner_discrete(denoisers.MaskedDenoiser(denoisers.CFGDenoiser(sd, {}, {}), m, known)) is sd

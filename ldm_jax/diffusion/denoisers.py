@@ -164,13 +164,40 @@ class CFGDenoiser:
         return x - s * eps, d_uncond
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskedDenoiser:
+    """Inpainting with a plain UNet: D = m·D_inner + (1 − m)·x0_known, so the known region's x0 is the
+    image's whatever the sampler (denoiser-level masking). Keeps CFG++ working: when the inner
+    denoiser has `with_uncond`, so does this one (both halves masked)."""
+
+    denoiser: Callable[..., jax.Array]
+    mask: jax.Array  # 1 = generate, 0 = keep `known`; broadcastable against x
+    known: jax.Array
+
+    def _masked(self, d):
+        return self.mask * d + (1 - self.mask) * self.known
+
+    def __call__(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
+        return self._masked(self.denoiser(x, sigma))
+
+    @property
+    def with_uncond(self):
+        if not has_uncond(self.denoiser):
+            return None
+
+        def with_uncond(x, sigma):
+            guided, uncond = self.denoiser.with_uncond(x, sigma)
+            return self._masked(guided), self._masked(uncond)
+        return with_uncond
+
+
 def has_uncond(denoiser) -> bool:
     """Whether `denoiser` offers `with_uncond(x, σ) -> (guided, unguided)` (CFGDenoiser does)."""
     return callable(getattr(denoiser, "with_uncond", None))
 
 
 def inner_discrete(denoiser) -> "DiscreteDenoiser | None":
-    """The DiscreteDenoiser under guidance / partial wrappers (`.denoiser`, `.func`), or None."""
+    """The DiscreteDenoiser under guidance / masking / partial wrappers (`.denoiser`, `.func`), or None."""
     for _ in range(8):
         if isinstance(denoiser, DiscreteDenoiser):
             return denoiser
@@ -184,5 +211,5 @@ def discrete_denoiser(model_fn: Callable[..., jax.Array], alphas_cumprod, predic
     return DiscreteDenoiser(model_fn, alphas_cumprod, prediction, quantize)
 
 
-__all__ = ["PREDICTIONS", "DiscreteDenoiser", "EDMDenoiser", "CFGDenoiser", "discrete_denoiser", "has_uncond",
-           "inner_discrete"]
+__all__ = ["PREDICTIONS", "DiscreteDenoiser", "EDMDenoiser", "CFGDenoiser", "MaskedDenoiser", "discrete_denoiser",
+           "has_uncond", "inner_discrete"]

@@ -148,25 +148,3 @@ def run_final_eval(config: Any, workdir: str | pathlib.Path) -> dict | None:
         raise ValueError("final_eval kind 'shapes' scores the built-in shapes dataset; data.source is "
                          f"{config.data.source!r}")
     return evaluate_workdir(workdir, **block)
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    from absl import flags
-
-    f = flags.FLAGS
-    evaluate_workdir(f.workdir, per_pair=f.per_pair, in_distribution=f.in_distribution, steps=f.steps, guidance_scale=f.guidance_scale,
-                     sampler=f.sampler, seed=f.seed)
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("workdir", None, "Workdir of a shapes run.", required=True)
-    flags.DEFINE_integer("per_pair", 16, "Samples per held-out (color, shape) pair.")
-    flags.DEFINE_integer("in_distribution", 96, "Fresh captions of trained (color, shape) pairs (0 = none).")
-    flags.DEFINE_integer("steps", 20, "Sampler steps.")
-    flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free guidance scale.")
-    flags.DEFINE_string("sampler", "dpmpp_2m", "Sampler.")
-    flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    app.run(main)

@@ -45,7 +45,7 @@ def resize_clean(images: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
     return out
 
 
-def _check_images(images: np.ndarray) -> np.ndarray:
+def check_images(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (N, H, W, 3), got shape {images.shape}")
@@ -160,13 +160,13 @@ class InceptionFeatures:
         return cls(load_inception_params(path), **kwargs)
 
     def _prepare(self, batch: np.ndarray) -> np.ndarray:
-        batch = _check_images(batch)
+        batch = check_images(batch)
         return resize_clean(batch) if self.resize == "clean" else batch
 
     def __call__(self, images: np.ndarray | Iterable[np.ndarray], *, total: int | None = None,
                  progress: bool = False) -> np.ndarray:
         if isinstance(images, np.ndarray):
-            _check_images(images)
+            check_images(images)
             total = len(images)
         prepared = (self._prepare(b) for b in batches(images, self._apply.batch_size))
         return self._apply(prepared, total=total, progress=progress, desc="Inception features")

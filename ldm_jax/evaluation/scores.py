@@ -7,7 +7,7 @@ Metric names (`config.eval.metrics`, the CLI's sub-commands):
   kid_first_stage           (flattened posterior mean). NOT comparable with Inception-FID nor across runs with
                             another autoencoder; it exists so that a small offline run (the shapes main job) has a
                             sample-quality curve
-  clip_score                torchmetrics' CLIPScore, 100·max(cos(image, text), 0), averaged over samples
+  clip_score                torchmetrics' CLIPScore: max(mean_i 100·cos(image_i, text_i), 0)
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def score(metrics: Sequence[str], features: Mapping[str, np.ndarray], refs: Mapp
         if m == "clip_score":
             if clip_scores is None:
                 raise ValueError("clip_score needs per-sample CLIP scores")
-            out[m] = float(np.mean(clip_scores))
+            out[m] = float(max(np.mean(clip_scores), 0.0))  # torchmetrics: the max of the mean
             continue
         space = FEATURE_SPACE[m]
         ref = refs[space]

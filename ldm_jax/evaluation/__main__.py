@@ -25,6 +25,7 @@ from ldm_jax.evaluation import fid, first_stage, reference, run, shapes_eval
 from ldm_jax.evaluation.clip_score import CLIPScorer
 from ldm_jax.evaluation.features import RESIZES, InceptionFeatures
 from ldm_jax.images import save_png
+from ldm_jax.pipeline import load_pretrained
 
 COMMANDS = ("shapes", "fid", "kid", "clip", "stats")
 F = flags.FLAGS
@@ -66,8 +67,6 @@ def _shapes() -> None:
 
 
 def _load_pipe() -> Any:
-    from ldm_jax.pipeline import load_pretrained
-
     return load_pretrained(F.workdir or F.pretrained)
 
 
@@ -84,7 +83,8 @@ def _extractor(pipe: Any) -> Any:
 
 def _space_describe() -> dict[str, Any]:
     if F.features == "first_stage":
-        return {"features": "first_stage", "model": str(F.workdir or F.pretrained)}
+        return {"features": "first_stage", "model": str(F.workdir or F.pretrained),
+                "note": "the model's own autoencoder latents: not comparable with Inception-FID"}
     return {"features": "inception", "weights": str(pathlib.Path(F.inception).resolve()), "resize": F.resize}
 
 

@@ -9,6 +9,13 @@
 
 Library code here imports models/, interop/, data/ and pipeline.py, never training/.
 """
-from ldm_jax.evaluation.shapes_eval import evaluate_shapes, evaluate_workdir, format_metrics, run_final_eval, write_eval
+from ldm_jax.evaluation.shapes_eval import (
+    evaluate_shapes,
+    evaluate_workdir,
+    format_metrics,
+    log_to_tensorboard,
+    run_final_eval,
+    write_eval,
+)
 
-__all__ = ["evaluate_shapes", "evaluate_workdir", "format_metrics", "run_final_eval", "write_eval"]
+__all__ = ["evaluate_shapes", "evaluate_workdir", "format_metrics", "log_to_tensorboard", "run_final_eval", "write_eval"]

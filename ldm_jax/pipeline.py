@@ -29,11 +29,6 @@ from jax.sharding import Mesh
 from ldm_jax import sampling, sharding
 from ldm_jax.diffusion import denoisers, schedules
 
-# LDM's discrete-time samplers start from VP noise; every other sampler from ε·σ_max.
-VP_SAMPLERS = ("ddim", "plms", "ddpm")
-# SDE samplers keep their Brownian-tree noise (stable across step counts); the others draw per image.
-SDE_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")
-SCHEDULES = ("karras", "exponential", "polyexponential", "normal", "simple", "ddim_uniform")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -48,6 +43,10 @@ class SchedulerConfig:
     prediction_type: str = "epsilon"
     scale_factor: float = 0.18215
     trained_betas: tuple[float, ...] | None = None
+    # where discrete-timestep schedules (ddim_uniform) put their steps, as diffusers' DDIM reads them
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SchedulerConfig":
@@ -185,27 +184,10 @@ class Pipeline:
     # ------------------------------------------------------------------ schedules
     def sigmas(self, schedule: str, steps: int, sampler: str = "euler") -> np.ndarray:
         """The σ schedule (steps+1 values) for `steps` sampler steps, ending at 0 (or σ(t=0) for ddim_uniform)."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        smin, smax = schedules.sigma_min_max(self.model_sigmas)
-        if schedule == "karras":
-            s = schedules.get_sigmas_karras(steps, smin, smax)
-        elif schedule == "exponential":
-            s = schedules.get_sigmas_exponential(steps, smin, smax)
-        elif schedule == "polyexponential":
-            s = schedules.get_sigmas_polyexponential(steps, smin, smax)
-        elif schedule == "ddim_uniform":
-            # LDM's own samplers end at ᾱ_0 (CompVis, and diffusers with set_alpha_to_one=False); others at 0.
-            final = "alpha0" if sampler in VP_SAMPLERS else "zero"
-            s = schedules.get_sigmas_ddim_uniform(steps, self.model_sigmas, final=final)
-        elif schedule in ("normal", "simple"):
-            s = schedules.get_sigmas_discrete(schedule, steps, self.model_sigmas)
-        else:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
-        s = np.asarray(s, dtype=np.float32)
-        if s.shape != (steps + 1,):
-            raise ValueError(f"schedule {schedule!r} gave {s.shape[0]} sigmas for {steps} steps")
-        return s
+        c = self.scheduler
+        levels = sampling.sampler_levels(self.model_sigmas, sampler, timestep_spacing=c.timestep_spacing,
+                                         steps_offset=c.steps_offset, set_alpha_to_one=c.set_alpha_to_one)
+        return sampling.schedule_sigmas(schedule, steps, levels).astype(np.float32)
 
     # ------------------------------------------------------------------ the program
     def _denoiser(self, params: dict, uncond_ctx, cond_ctx, guidance: jax.Array, extra: jax.Array | None):
@@ -248,7 +230,7 @@ class Pipeline:
     def _program(self, st: _Static) -> Callable:
         if st in self._programs:
             return self._programs[st]
-        sample_fn = sampling.SAMPLERS[st.sampler]
+        info = sampling.sampler_info(st.sampler)
         options = dict(st.options)
         bsh = sharding.batch_sharding(self.mesh, 4)
         h, w = st.latent_hw
@@ -285,8 +267,8 @@ class Pipeline:
             if st.from_image:
                 x = init + noise * s0
             else:
-                x = noise * (jnp.sqrt(1 + s0**2) if st.sampler in VP_SAMPLERS else s0)
-            if st.sampler in SDE_SAMPLERS:
+                x = noise * (jnp.sqrt(1 + s0**2) if info.space == "vp" else s0)
+            if info.noise == "sde":
                 noise_kw = {"key": jax.random.fold_in(keys[0], 1)}  # their Brownian-tree default
             else:
                 def noise_sampler(i, sigma, sigma_next):
@@ -294,7 +276,7 @@ class Pipeline:
                     return jax.lax.with_sharding_constraint(jax.vmap(draw)(keys), bsh)
 
                 noise_kw = {"noise_sampler": noise_sampler}
-            x = sample_fn(denoise, x, sigmas, **noise_kw, **options)
+            x = info.fn(denoise, x, sigmas, **noise_kw, **options)
             x = x / jnp.sqrt(1 + sigmas[-1] ** 2)  # back to VP scale when the schedule ends above σ = 0
             if st.mode == "inpaint" and extra is None:
                 x = m * x + (1 - m) * init
@@ -343,8 +325,7 @@ class Pipeline:
         """
         if output not in ("uint8", "float", "latent"):
             raise ValueError(f"output must be 'uint8', 'float' or 'latent', got {output!r}")
-        if sampler not in sampling.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(sampling.SAMPLERS)}")
+        sampling.sampler_info(sampler)  # unknown names fail here, with the list
         params = self._place(params) if params is not None else self.params
         if params is None:
             raise ValueError("this pipeline has no params: pass params= to generate or load weights")

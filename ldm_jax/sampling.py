@@ -5,56 +5,36 @@
     x = sampling.sample_dpmpp_2m(denoiser, noise * sigmas[0], sigmas)
 
 Every `sample_<name>(denoiser, x, sigmas, *, key=None, noise_sampler=None, **options)` is one
-XLA program (jit it with the model parameters as arguments); `SAMPLERS` maps names to functions.
+XLA program (jit it with the model parameters as arguments); `SAMPLERS` maps names to functions,
+`SAMPLER_INFO` to their metadata (`ldm_jax.diffusion.registry.SamplerInfo`), `SCHEDULES` to the
+registered schedules, each `fn(steps, NoiseLevels) -> steps + 1 sigmas` (`schedule_sigmas` calls
+one by name). This module is the catalog: it imports every sampler module, so the registry is
+complete once it is imported.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+# The sampler modules register themselves on import (ldm_jax/diffusion/registry.py says how to add one).
+from ldm_jax.diffusion import samplers, samplers_dpm_solver, samplers_ldm  # noqa: F401
 from ldm_jax.diffusion.brownian import BrownianTree, BrownianTreeNoiseSampler, key_noise_sampler
 from ldm_jax.diffusion.denoisers import CFGDenoiser, DiscreteDenoiser, EDMDenoiser, discrete_denoiser
-from ldm_jax.diffusion.samplers import (get_ancestral_step, sample_dpm_2, sample_dpm_2_ancestral,
-                                        sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral,
-                                        sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_euler,
-                                        sample_euler_ancestral, sample_heun, sample_lms, to_d)
-from ldm_jax.diffusion.samplers_dpm_solver import sample_dpm_adaptive, sample_dpm_fast
-from ldm_jax.diffusion.samplers_ldm import sample_ddim, sample_ddpm, sample_plms
+from ldm_jax.diffusion.registry import (SAMPLER_INFO, SAMPLERS, SCHEDULE_INFO, NoiseLevels, SamplerInfo,
+                                        ScheduleInfo, sampler_info, sampler_levels, schedule_sigmas)
+from ldm_jax.diffusion.sampler_core import get_ancestral_step, to_d
 from ldm_jax.diffusion.schedules import (get_sigmas_ddim_uniform, get_sigmas_discrete, get_sigmas_exponential,
                                          get_sigmas_karras, get_sigmas_normal, get_sigmas_polyexponential,
                                          get_sigmas_simple, get_sigmas_vp)
 
-SAMPLERS: dict[str, Callable] = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_2": sample_dpm_2,
-    "dpm_2_ancestral": sample_dpm_2_ancestral,
-    "lms": sample_lms,
-    "dpm_fast": sample_dpm_fast,
-    "dpm_adaptive": sample_dpm_adaptive,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "ddpm": sample_ddpm,
-}
+SCHEDULES: dict[str, Callable] = {name: info.fn for name, info in SCHEDULE_INFO.items()}
 
-SCHEDULES: dict[str, Callable] = {
-    "karras": get_sigmas_karras,
-    "exponential": get_sigmas_exponential,
-    "polyexponential": get_sigmas_polyexponential,
-    "vp": get_sigmas_vp,
-}
+# sample_<name> for every registered sampler (variants such as dpmpp_2m_sde_heun included)
+globals().update({f"sample_{name}": fn for name, fn in SAMPLERS.items()})
 
 
 def get_sampler(name: str) -> Callable:
-    """The sampler function called `name` (k-diffusion names, plus ddim/plms/ddpm)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[name]
+    """The sampler function called `name` (ComfyUI / k-diffusion names, plus ddim/plms/ddpm)."""
+    return sampler_info(name).fn
 
 
 def sample(name: str, denoiser, x, sigmas, **kwargs):
@@ -63,8 +43,10 @@ def sample(name: str, denoiser, x, sigmas, **kwargs):
 
 
 __all__ = [
-    "SAMPLERS", "SCHEDULES", "get_sampler", "sample", "BrownianTree", "BrownianTreeNoiseSampler",
-    "key_noise_sampler", "CFGDenoiser", "DiscreteDenoiser", "EDMDenoiser", "discrete_denoiser",
-    "get_ancestral_step", "to_d", "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential",
-    "get_sigmas_vp", "get_sigmas_normal", "get_sigmas_simple", "get_sigmas_ddim_uniform", "get_sigmas_discrete",
+    "SAMPLERS", "SAMPLER_INFO", "SCHEDULES", "SCHEDULE_INFO", "SamplerInfo", "ScheduleInfo", "NoiseLevels",
+    "get_sampler", "sampler_info", "sample", "schedule_sigmas", "sampler_levels", "BrownianTree",
+    "BrownianTreeNoiseSampler", "key_noise_sampler", "CFGDenoiser", "DiscreteDenoiser", "EDMDenoiser",
+    "discrete_denoiser", "get_ancestral_step", "to_d", "get_sigmas_karras", "get_sigmas_exponential",
+    "get_sigmas_polyexponential", "get_sigmas_vp", "get_sigmas_normal", "get_sigmas_simple",
+    "get_sigmas_ddim_uniform", "get_sigmas_discrete",
 ] + [f"sample_{n}" for n in SAMPLERS]

@@ -34,7 +34,7 @@ CASES = {  # golden case -> (sampler, options); mirrors make_sampler_goldens.CAS
     "dpmpp_sde_r03_eta05": ("dpmpp_sde", dict(r=0.3, eta=0.5)),
     "dpmpp_2m": ("dpmpp_2m", {}),
     "dpmpp_2m_sde": ("dpmpp_2m_sde", {}),
-    "dpmpp_2m_sde_heun": ("dpmpp_2m_sde", dict(solver_type="heun", eta=0.7)),
+    "dpmpp_2m_sde_heun": ("dpmpp_2m_sde_heun", dict(eta=0.7)),  # the registered variant: solver_type="heun"
     "dpmpp_3m_sde": ("dpmpp_3m_sde", {}),
     "dpmpp_3m_sde_eta0": ("dpmpp_3m_sde", dict(eta=0.0)),
 }

@@ -17,120 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ldm_jax.diffusion.brownian import BrownianTreeNoiseSampler, key_noise_sampler
-
-Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared pieces.
-
-
-def _is_zero(v) -> bool:
-    """True only for a static zero (a traced option counts as non-zero)."""
-    return isinstance(v, (int, float, np.floating, np.integer)) and v == 0
-
-
-def check_inputs(name: str, x, sigmas, *, needs_noise: bool = False, key=None, noise_sampler=None):
-    """Validate before tracing; returns (x, sigmas) in x's dtype (at least float32).
-
-    Value checks on sigmas (finite, non-negative, decreasing, only the last 0) run when sigmas are
-    concrete; a traced schedule is only checked for its shape."""
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name}: x must be an array, got {type(x).__name__}")
-    if x.ndim < 1:
-        raise ValueError(f"{name}: x must have a leading batch axis, got shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
-    if not hasattr(sigmas, "shape"):
-        sigmas = np.asarray(sigmas, dtype=np.float64)
-    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
-        raise ValueError(f"{name}: sigmas must be a 1-D schedule with at least 2 entries (>= 1 step), "
-                         f"got shape {tuple(sigmas.shape)}")
-    if not isinstance(sigmas, jax.core.Tracer):
-        s = np.asarray(sigmas, dtype=np.float64)
-        if not np.all(np.isfinite(s)):
-            raise ValueError(f"{name}: sigmas must be finite, got {s}")
-        if np.any(s < 0):
-            raise ValueError(f"{name}: sigmas must be non-negative, got {s}")
-        bad = np.nonzero(np.diff(s) > 0)[0]
-        if bad.size:
-            raise ValueError(f"{name}: sigmas must be decreasing, but sigmas[{bad[0] + 1}]={s[bad[0] + 1]} > "
-                             f"sigmas[{bad[0]}]={s[bad[0]]}")
-        if np.any(s[:-1] == 0):
-            raise ValueError(f"{name}: only the last sigma may be 0, got {s}")
-    if needs_noise and key is None and noise_sampler is None:
-        raise ValueError(f"{name} draws noise: pass key= (a jax.random key) or noise_sampler=")
-    # half-precision latents are integrated in float32 (σ in bf16 would lose the schedule)
-    dtype = jnp.promote_types(x.dtype, jnp.float32)
-    return jnp.asarray(x, dtype), jnp.asarray(sigmas, dtype)
-
-
-def call_denoiser(denoiser: Denoiser, x: jax.Array, sigma) -> jax.Array:
-    """denoiser(x, sigma·1_B), checking that the result has x's shape (a trace-time error)."""
-    s = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
-    out = denoiser(x, s)
-    if out.shape != x.shape:
-        raise ValueError(f"denoiser returned shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}")
-    return out.astype(x.dtype)
-
-
-def default_noise(x, sigmas, key, noise_sampler, brownian: bool = False):
-    """The caller's noise sampler, else a Brownian tree (SDE samplers) or i.i.d. draws from `key`."""
-    if noise_sampler is not None:
-        return noise_sampler
-    if brownian:
-        positive = jnp.where(sigmas > 0, sigmas, jnp.inf)
-        return BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), key)
-    return key_noise_sampler(key, x)
-
-
-def draw(noise_sampler, i, sigma, sigma_next, x) -> jax.Array:
-    """One draw, checked against x's shape."""
-    n = noise_sampler(i, sigma, sigma_next)
-    if n.shape != x.shape:
-        raise ValueError(f"noise_sampler returned shape {tuple(n.shape)}, expected {tuple(x.shape)}")
-    return n.astype(x.dtype)
-
-
-def to_d(x, sigma, denoised):
-    """Karras ODE derivative (x − D(x, σ)) / σ."""
-    return (x - denoised) / sigma
-
-
-def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
-    """(σ_down, σ_up) of an ancestral step; σ_up = min(σ_to, η·sqrt(σ_to²(σ_from² − σ_to²)/σ_from²))."""
-    if _is_zero(eta):
-        return sigma_to, jnp.zeros_like(sigma_to)
-    sigma_up = jnp.minimum(sigma_to, eta * jnp.sqrt(sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2)
-                                                    / sigma_from ** 2))
-    sigma_down = jnp.sqrt(jnp.maximum(sigma_to ** 2 - sigma_up ** 2, 0))
-    return sigma_down, sigma_up
-
-
-def scan_steps(body, carry, sigmas):
-    """lax.scan of body(carry, i) over the len(sigmas) − 1 steps; returns the final carry."""
-    carry, _ = lax.scan(lambda c, i: (body(c, i), None), carry, jnp.arange(sigmas.shape[0] - 1))
-    return carry
+from ldm_jax.diffusion.registry import register_sampler, register_variant
+from ldm_jax.diffusion.sampler_core import (Denoiser, add_noise, call_denoiser, draw, get_ancestral_step,
+                                            is_zero, sample_loop, scan_steps, setup, to_d)
+from ldm_jax.diffusion.sampler_core import sigma_of as _sigma
+from ldm_jax.diffusion.sampler_core import t_of as _t
 
 
 def _churn(x, sigma, n_steps, cnt, ns, sigma_next, s_churn, s_tmin, s_tmax, s_noise):
     """Karras et al. 2022 Alg. 2 lines 4-6; k-diffusion 0.1.1 draws randn_like on every step."""
-    if _is_zero(s_churn):
+    if is_zero(s_churn):
         return x, sigma, cnt
     gamma = jnp.where((s_tmin <= sigma) & (sigma <= s_tmax), min(s_churn / n_steps, 2 ** 0.5 - 1), 0.0)
     eps = draw(ns, cnt, sigma, sigma_next, x) * s_noise
     sigma_hat = sigma * (gamma + 1)
     # max(., 0): with FMA contraction σ̂² − σ² is a tiny negative number when γ = 0
     return x + eps * jnp.sqrt(jnp.maximum(sigma_hat ** 2 - sigma ** 2, 0)), sigma_hat, cnt + 1
-
-
-def _t(sigma):
-    return -jnp.log(sigma)
-
-
-def _sigma(t):
-    return jnp.exp(-t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,9 +43,7 @@ def _churn_sampler(name: str, second_order: str | None):
     def sampler(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
                 s_noise: float = 1.0) -> jax.Array:
-        x, sigmas = check_inputs(name, x, sigmas, needs_noise=not _is_zero(s_churn), key=key,
-                                 noise_sampler=noise_sampler)
-        ns = default_noise(x, sigmas, key, noise_sampler) if not _is_zero(s_churn) else None
+        x, sigmas, ns = setup(name, x, sigmas, key, noise_sampler, stochastic=not is_zero(s_churn))
         n_steps = sigmas.shape[0] - 1
 
         def body(carry, i):
@@ -183,61 +83,58 @@ sample_heun = _churn_sampler("heun", "heun")
 sample_heun.__doc__ = "Karras et al. 2022 Algorithm 2 (Heun steps; Euler on the last step to σ = 0)."
 sample_dpm_2 = _churn_sampler("dpm_2", "dpm_2")
 sample_dpm_2.__doc__ = "DPM-Solver-2 (Lu et al. 2022) midpoint in log σ with Karras churn (k-diffusion dpm_2)."
+register_sampler("euler", a1111="Euler")(sample_euler)
+register_sampler("heun", a1111="Heun")(sample_heun)
+register_sampler("dpm_2", a1111="DPM2")(sample_dpm_2)
 
 
-def sample_euler_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
-                           eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
-    """Ancestral sampling with Euler steps (k-diffusion `sample_euler_ancestral`)."""
-    stochastic = not _is_zero(eta)
-    x, sigmas = check_inputs("euler_ancestral", x, sigmas, needs_noise=stochastic, key=key,
-                             noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
+def _ancestral_sampler(name: str, to_down: Callable, draw_if_down: bool = False) -> Callable:
+    """An ancestral sampler: a deterministic step `to_down(denoiser, x, σ, σ_down, denoised)` to
+    σ_down, then σ_up·s_noise·z, drawn while σ_next > 0 (or, as k-diffusion's dpm_2_ancestral, only
+    when σ_down > 0)."""
+    def sampler(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
+                eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
+        x, sigmas, ns = setup(name, x, sigmas, key, noise_sampler, stochastic=not is_zero(eta))
 
-    def body(carry, i):
-        x, cnt = carry
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = call_denoiser(denoiser, x, sigma)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
-        if not stochastic:
-            return x, cnt
-        add = lax.cond(sigma_next > 0, lambda: draw(ns, cnt, sigma, sigma_next, x) * s_noise * sigma_up,
-                       lambda: jnp.zeros_like(x))
-        return x + add, cnt + (sigma_next > 0)
+        def step(x, s, state):
+            sigma_down, sigma_up = get_ancestral_step(s.sigma, s.sigma_next, eta)
+            euler = lambda: x + to_d(x, s.sigma, s.denoised) * (sigma_down - s.sigma)  # noqa: E731
+            x = lax.cond(sigma_down > 0, lambda: to_down(denoiser, x, s.sigma, sigma_down, s.denoised), euler)
+            return *add_noise(x, s.cnt, ns, s.sigma, sigma_down if draw_if_down else s.sigma_next,
+                              s_noise * sigma_up), state
 
-    return scan_steps(body, (x, jnp.int32(0)), sigmas)[0]
+        return sample_loop(denoiser, x, sigmas, step)
+
+    return sampler
 
 
-def sample_dpm_2_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
-                           eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
-    """Ancestral sampling with DPM-Solver-2 steps (k-diffusion `sample_dpm_2_ancestral`)."""
-    stochastic = not _is_zero(eta)
-    x, sigmas = check_inputs("dpm_2_ancestral", x, sigmas, needs_noise=stochastic, key=key,
-                             noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
+def _euler_down(denoiser, x, sigma, sigma_down, denoised):
+    return x + to_d(x, sigma, denoised) * (sigma_down - sigma)
 
-    def body(carry, i):
-        x, cnt = carry
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = call_denoiser(denoiser, x, sigma)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        d = to_d(x, sigma, denoised)
 
-        def euler(cnt):
-            return x + d * (sigma_down - sigma), cnt
+def _dpm_2_down(denoiser, x, sigma, sigma_down, denoised):
+    d = to_d(x, sigma, denoised)
+    sigma_mid = jnp.exp(jnp.log(sigma) + 0.5 * (jnp.log(sigma_down) - jnp.log(sigma)))
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = to_d(x_2, sigma_mid, call_denoiser(denoiser, x_2, sigma_mid))
+    return x + d_2 * (sigma_down - sigma)
 
-        def dpm_2(cnt):
-            sigma_mid = jnp.exp(jnp.log(sigma) + 0.5 * (jnp.log(sigma_down) - jnp.log(sigma)))
-            x_2 = x + d * (sigma_mid - sigma)
-            d_2 = to_d(x_2, sigma_mid, call_denoiser(denoiser, x_2, sigma_mid))
-            x_new = x + d_2 * (sigma_down - sigma)
-            if not stochastic:
-                return x_new, cnt
-            return x_new + draw(ns, cnt, sigma, sigma_next, x) * s_noise * sigma_up, cnt + 1
 
-        return lax.cond(sigma_down > 0, dpm_2, euler, cnt)
+def _dpmpp_2s_down(denoiser, x, sigma, sigma_down, denoised):
+    t, t_next = _t(sigma), _t(sigma_down)
+    h = t_next - t
+    t_mid = t + 0.5 * h
+    x_2 = (_sigma(t_mid) / _sigma(t)) * x - jnp.expm1(-0.5 * h) * denoised
+    denoised_2 = call_denoiser(denoiser, x_2, _sigma(t_mid))
+    return (_sigma(t_next) / _sigma(t)) * x - jnp.expm1(-h) * denoised_2
 
-    return scan_steps(body, (x, jnp.int32(0)), sigmas)[0]
+
+sample_euler_ancestral = register_sampler("euler_ancestral", noise="ancestral", a1111="Euler a")(
+    _ancestral_sampler("euler_ancestral", _euler_down))
+sample_euler_ancestral.__doc__ = "Ancestral sampling with Euler steps (k-diffusion `sample_euler_ancestral`)."
+sample_dpm_2_ancestral = register_sampler("dpm_2_ancestral", noise="ancestral", a1111="DPM2 a")(
+    _ancestral_sampler("dpm_2_ancestral", _dpm_2_down, draw_if_down=True))
+sample_dpm_2_ancestral.__doc__ = "Ancestral sampling with DPM-Solver-2 steps (k-diffusion `sample_dpm_2_ancestral`)."
 
 
 def _lms_coeffs(sigmas, i, order: int):
@@ -261,75 +158,40 @@ def _lms_coeffs(sigmas, i, order: int):
     return jnp.stack(rows)[jnp.minimum(i + 1, order) - 1]
 
 
+@register_sampler("lms", a1111="LMS")
 def sample_lms(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                order: int = 4) -> jax.Array:
     """Linear multistep (Adams–Bashforth in σ) of the given order (k-diffusion `sample_lms`)."""
-    x, sigmas = check_inputs("lms", x, sigmas)
+    x, sigmas, _ = setup("lms", x, sigmas)
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"lms: order must be an int >= 1, got {order!r}")
 
-    def body(carry, i):
-        x, ds = carry
-        d = to_d(x, sigmas[i], call_denoiser(denoiser, x, sigmas[i]))
-        ds = jnp.concatenate([d[None], ds[:-1]])  # newest first
-        coeffs = _lms_coeffs(sigmas, i, order)
-        return x + jnp.tensordot(coeffs, ds, axes=1), ds
+    def step(x, s, ds):
+        ds = jnp.concatenate([to_d(x, s.sigma, s.denoised)[None], ds[:-1]])  # newest first
+        return x + jnp.tensordot(_lms_coeffs(sigmas, s.i, order), ds, axes=1), s.cnt, ds
 
-    return scan_steps(body, (x, jnp.zeros((order,) + x.shape, x.dtype)), sigmas)[0]
+    return sample_loop(denoiser, x, sigmas, step, jnp.zeros((order,) + x.shape, x.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
 # DPM-Solver++ family (Lu et al. 2022, arXiv 2211.01095), in t = −log σ.
 
 
-def sample_dpmpp_2s_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
-                              eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
-    """Ancestral sampling with DPM-Solver++(2S) second-order steps."""
-    stochastic = not _is_zero(eta)
-    x, sigmas = check_inputs("dpmpp_2s_ancestral", x, sigmas, needs_noise=stochastic, key=key,
-                             noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
-
-    def body(carry, i):
-        x, cnt = carry
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = call_denoiser(denoiser, x, sigma)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-
-        def euler(_):
-            return x + to_d(x, sigma, denoised) * (sigma_down - sigma)
-
-        def dpmpp_2s(_):
-            t, t_next = _t(sigma), _t(sigma_down)
-            h = t_next - t
-            s = t + 0.5 * h
-            x_2 = (_sigma(s) / _sigma(t)) * x - jnp.expm1(-0.5 * h) * denoised
-            denoised_2 = call_denoiser(denoiser, x_2, _sigma(s))
-            return (_sigma(t_next) / _sigma(t)) * x - jnp.expm1(-h) * denoised_2
-
-        x = lax.cond(sigma_down > 0, dpmpp_2s, euler, None)
-        if not stochastic:
-            return x, cnt
-        add = lax.cond(sigma_next > 0, lambda: draw(ns, cnt, sigma, sigma_next, x) * s_noise * sigma_up,
-                       lambda: jnp.zeros_like(x))
-        return x + add, cnt + (sigma_next > 0)
-
-    return scan_steps(body, (x, jnp.int32(0)), sigmas)[0]
+# DPM-Solver++(2S) second-order steps to σ_down (Lu et al. 2022, arXiv 2211.01095, Alg. 1).
+sample_dpmpp_2s_ancestral = register_sampler("dpmpp_2s_ancestral", noise="ancestral", a1111="DPM++ 2S a")(
+    _ancestral_sampler("dpmpp_2s_ancestral", _dpmpp_2s_down))
+sample_dpmpp_2s_ancestral.__doc__ = "Ancestral sampling with DPM-Solver++(2S) second-order steps."
 
 
+@register_sampler("dpmpp_sde", noise="sde", a1111="DPM++ SDE")
 def sample_dpmpp_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                      eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> jax.Array:
     """DPM-Solver++ (stochastic, 2 stages per step; Brownian-tree noise by default)."""
-    stochastic = not _is_zero(eta)
-    x, sigmas = check_inputs("dpmpp_sde", x, sigmas, needs_noise=stochastic, key=key,
-                             noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler, brownian=True) if stochastic else None
+    x, sigmas, ns = setup("dpmpp_sde", x, sigmas, key, noise_sampler, stochastic=not is_zero(eta))
     fac = 1 / (2 * r)
 
-    def body(carry, i):
-        x, cnt = carry
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = call_denoiser(denoiser, x, sigma)
+    def step(x, st, state):
+        sigma, sigma_next, denoised = st.sigma, st.sigma_next, st.denoised
 
         def euler(cnt):
             return x + to_d(x, sigma, denoised) * (sigma_next - sigma), cnt
@@ -341,31 +203,30 @@ def sample_dpmpp_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, nois
             sd, su = get_ancestral_step(_sigma(t), _sigma(s), eta)
             s_ = _t(sd)
             x_2 = (_sigma(s_) / _sigma(t)) * x - jnp.expm1(t - s_) * denoised
-            if stochastic:
+            if ns is not None:
                 x_2 = x_2 + draw(ns, cnt, _sigma(t), _sigma(s), x) * s_noise * su
             denoised_2 = call_denoiser(denoiser, x_2, _sigma(s))
             sd, su = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
             t_next_ = _t(sd)
             denoised_d = (1 - fac) * denoised + fac * denoised_2
             x_new = (_sigma(t_next_) / _sigma(t)) * x - jnp.expm1(t - t_next_) * denoised_d
-            if stochastic:
+            if ns is not None:
                 x_new = x_new + draw(ns, cnt + 1, _sigma(t), _sigma(t_next), x) * s_noise * su
                 cnt = cnt + 2
             return x_new, cnt
 
-        return lax.cond(sigma_next > 0, dpmpp, euler, cnt)
+        return *lax.cond(sigma_next > 0, dpmpp, euler, st.cnt), state
 
-    return scan_steps(body, (x, jnp.int32(0)), sigmas)[0]
+    return sample_loop(denoiser, x, sigmas, step)
 
 
+@register_sampler("dpmpp_2m", a1111="DPM++ 2M")
 def sample_dpmpp_2m(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None) -> jax.Array:
     """DPM-Solver++(2M); first order on the first step and on the last step to σ = 0."""
-    x, sigmas = check_inputs("dpmpp_2m", x, sigmas)
+    x, sigmas, _ = setup("dpmpp_2m", x, sigmas)
 
-    def body(carry, i):
-        x, old_denoised = carry
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = call_denoiser(denoiser, x, sigma)
+    def step(x, s, old_denoised):
+        sigma, sigma_next, denoised, i = s.sigma, s.sigma_next, s.denoised, s.i
 
         def first(_):
             return (sigma_next / sigma) * x - jnp.expm1(-(_t(sigma_next) - _t(sigma))) * denoised
@@ -377,32 +238,36 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             return (_sigma(t_next) / _sigma(t)) * x - jnp.expm1(-h) * denoised_d
 
-        x = lax.cond((i > 0) & (sigma_next > 0), second, first, None)
-        return x, denoised
+        return lax.cond((i > 0) & (sigma_next > 0), second, first, None), s.cnt, denoised
 
-    return scan_steps(body, (x, jnp.zeros_like(x)), sigmas)[0]
+    return sample_loop(denoiser, x, sigmas, step, jnp.zeros_like(x))
 
 
+def _sde_noise(x_new, x, s, ns, h_eta, s_noise):
+    """The DPM-Solver++ SDE noise term σ_next·sqrt(1 − e^(−2ηh))·s_noise·z; returns (x, cnt)."""
+    if ns is None:
+        return x_new, s.cnt
+    noise = draw(ns, s.cnt, s.sigma, s.sigma_next, x)
+    return x_new + noise * s.sigma_next * jnp.sqrt(-jnp.expm1(-2 * h_eta)) * s_noise, s.cnt + 1
+
+
+@register_sampler("dpmpp_2m_sde", noise="sde", a1111="DPM++ 2M SDE")
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                         eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint") -> jax.Array:
     """DPM-Solver++(2M) SDE with the 'midpoint' or 'heun' second-order correction."""
     if solver_type not in ("heun", "midpoint"):
         raise ValueError(f"dpmpp_2m_sde: solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
-    stochastic = not _is_zero(eta)
-    x, sigmas = check_inputs("dpmpp_2m_sde", x, sigmas, needs_noise=stochastic, key=key,
-                             noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler, brownian=True) if stochastic else None
+    x, sigmas, ns = setup("dpmpp_2m_sde", x, sigmas, key, noise_sampler, stochastic=not is_zero(eta))
 
-    def body(carry, i):
-        x, old_denoised, h_last, cnt = carry
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = call_denoiser(denoiser, x, sigma)
+    def step(x, s, state):
+        old_denoised, h_last = state
+        sigma, sigma_next, denoised = s.sigma, s.sigma_next, s.denoised
         h = _t(sigma_next) - _t(sigma)
 
-        def last(cnt):
-            return denoised, cnt
+        def last(_):
+            return denoised, s.cnt
 
-        def step(cnt):
+        def sde_step(_):
             eta_h = eta * h
             phi = -jnp.expm1(-h - eta_h)
             x_new = sigma_next / sigma * jnp.exp(-eta_h) * x + phi * denoised
@@ -411,38 +276,30 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, n
                 corr = (phi / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
             else:
                 corr = 0.5 * phi * (1 / r) * (denoised - old_denoised)
-            x_new = jnp.where(i > 0, x_new + corr, x_new)
-            if stochastic:
-                noise = draw(ns, cnt, sigma, sigma_next, x)
-                x_new = x_new + noise * sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
-                cnt = cnt + 1
-            return x_new, cnt
+            x_new = jnp.where(s.i > 0, x_new + corr, x_new)
+            return _sde_noise(x_new, x, s, ns, eta_h, s_noise)
 
-        x, cnt = lax.cond(sigma_next > 0, step, last, cnt)
-        return x, denoised, jnp.where(sigma_next > 0, h, h_last), cnt
+        x, cnt = lax.cond(sigma_next > 0, sde_step, last, None)
+        return x, cnt, (denoised, jnp.where(sigma_next > 0, h, h_last))
 
-    init = (x, jnp.zeros_like(x), jnp.ones((), x.dtype), jnp.int32(0))
-    return scan_steps(body, init, sigmas)[0]
+    return sample_loop(denoiser, x, sigmas, step, (jnp.zeros_like(x), jnp.ones((), x.dtype)))
 
 
+@register_sampler("dpmpp_3m_sde", noise="sde", a1111="DPM++ 3M SDE")
 def sample_dpmpp_3m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                         eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
     """DPM-Solver++(3M) SDE (k-diffusion `sample_dpmpp_3m_sde`)."""
-    stochastic = not _is_zero(eta)
-    x, sigmas = check_inputs("dpmpp_3m_sde", x, sigmas, needs_noise=stochastic, key=key,
-                             noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler, brownian=True) if stochastic else None
+    x, sigmas, ns = setup("dpmpp_3m_sde", x, sigmas, key, noise_sampler, stochastic=not is_zero(eta))
 
-    def body(carry, i):
-        x, denoised_1, denoised_2, h_1, h_2, cnt = carry
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = call_denoiser(denoiser, x, sigma)
-        h = _t(sigma_next) - _t(sigma)
+    def step(x, s, state):
+        denoised_1, denoised_2, h_1, h_2 = state
+        denoised = s.denoised
+        h = _t(s.sigma_next) - _t(s.sigma)
 
-        def last(cnt):
-            return denoised, cnt
+        def last(_):
+            return denoised, s.cnt
 
-        def step(cnt):
+        def sde_step(_):
             h_eta = h * (eta + 1)
             x_new = jnp.exp(-h_eta) * x - jnp.expm1(-h_eta) * denoised
             phi_2 = jnp.expm1(-h_eta) / h_eta + 1
@@ -455,24 +312,21 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, n
             phi_3 = phi_2 / h_eta - 0.5
             third = x_new + phi_2 * d1 - phi_3 * d2
             second = x_new + phi_2 * d1_0
-            x_new = jnp.where(i >= 2, third, jnp.where(i == 1, second, x_new))
-            if stochastic:
-                noise = draw(ns, cnt, sigma, sigma_next, x)
-                x_new = x_new + noise * sigma_next * jnp.sqrt(-jnp.expm1(-2 * h * eta)) * s_noise
-                cnt = cnt + 1
-            return x_new, cnt
+            x_new = jnp.where(s.i >= 2, third, jnp.where(s.i == 1, second, x_new))
+            return _sde_noise(x_new, x, s, ns, h * eta, s_noise)
 
-        x, cnt = lax.cond(sigma_next > 0, step, last, cnt)
-        return x, denoised, denoised_1, h, h_1, cnt
+        x, cnt = lax.cond(s.sigma_next > 0, sde_step, last, None)
+        return x, cnt, (denoised, denoised_1, h, h_1)
 
     one = jnp.ones((), x.dtype)
-    init = (x, jnp.zeros_like(x), jnp.zeros_like(x), one, one, jnp.int32(0))
-    return scan_steps(body, init, sigmas)[0]
+    return sample_loop(denoiser, x, sigmas, step, (jnp.zeros_like(x), jnp.zeros_like(x), one, one))
 
+
+sample_dpmpp_2m_sde_heun = register_variant("dpmpp_2m_sde_heun", "dpmpp_2m_sde", a1111="DPM++ 2M SDE Heun",
+                                            solver_type="heun")
 
 __all__ = [
-    "Denoiser", "check_inputs", "call_denoiser", "default_noise", "to_d", "get_ancestral_step",
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
     "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m",
-    "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
+    "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde",
 ]

@@ -11,16 +11,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ldm_jax.diffusion.samplers import (Denoiser, _is_zero, call_denoiser, check_inputs, default_noise,
-                                        draw, get_ancestral_step)
-
-
-def _sigma(t):
-    return jnp.exp(-t)
-
-
-def _t(sigma):
-    return -jnp.log(sigma)
+from ldm_jax.diffusion.registry import register_sampler
+from ldm_jax.diffusion.sampler_core import Denoiser, call_denoiser, draw, get_ancestral_step, is_zero, setup
+from ldm_jax.diffusion.sampler_core import sigma_of as _sigma
+from ldm_jax.diffusion.sampler_core import t_of as _t
 
 
 def _range(sigmas):
@@ -66,18 +60,27 @@ class _Solver:
                 - _sigma(t_next) / r2 * (jnp.expm1(h) / h - 1) * (eps_r2 - eps))
 
 
+def _ancestral_target(t, t_next, t_end, eta, stochastic: bool):
+    """(t of σ_down capped at t_end, σ_up) of an ancestral step from t to t_next (k-diffusion DPMSolver)."""
+    if not stochastic:
+        return t_next, None
+    sd, _ = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
+    t_next_ = jnp.minimum(t_end, _t(sd))
+    return t_next_, jnp.sqrt(jnp.maximum(_sigma(t_next) ** 2 - _sigma(t_next_) ** 2, 0))
+
+
 def dpm_fast_orders(nfe: int) -> list[int]:
     """k-diffusion's static order plan: floor(nfe/3)+1 steps of order 3 ending with 2,1 or nfe%3."""
     m = nfe // 3 + 1
     return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
 
 
+@register_sampler("dpm_fast", a1111="DPM fast")
 def sample_dpm_fast(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                     eta: float = 0.0, s_noise: float = 1.0) -> jax.Array:
     """DPM-Solver-Fast: fixed steps uniform in log σ with orders 3,…,3,(2,1 | nfe%3)."""
-    stochastic = not _is_zero(eta)
-    x, sigmas = check_inputs("dpm_fast", x, sigmas, needs_noise=stochastic, key=key, noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
+    stochastic = not is_zero(eta)
+    x, sigmas, ns = setup("dpm_fast", x, sigmas, key, noise_sampler, stochastic=stochastic)
     orders = dpm_fast_orders(sigmas.shape[0] - 1)
     t_start, t_end = _range(sigmas)
     ts = jnp.linspace(t_start, t_end, len(orders) + 1)
@@ -86,12 +89,7 @@ def sample_dpm_fast(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise
     def body(x, inputs):
         i, order = inputs
         t, t_next = ts[i], ts[i + 1]
-        if stochastic:
-            sd, su = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
-            t_next_ = jnp.minimum(t_end, _t(sd))
-            su = jnp.sqrt(jnp.maximum(_sigma(t_next) ** 2 - _sigma(t_next_) ** 2, 0))
-        else:
-            t_next_ = t_next
+        t_next_, su = _ancestral_target(t, t_next, t_end, eta, stochastic)
         eps = solver.eps(x, t)
         r1 = jnp.where(order == 3, 1 / 3, 1 / 2).astype(x.dtype)
         u1, s1 = solver.u1(x, t, t_next_, eps, r1)
@@ -109,6 +107,7 @@ def sample_dpm_fast(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise
     return lax.scan(body, x, steps)[0]
 
 
+@register_sampler("dpm_adaptive", a1111="DPM adaptive")
 def sample_dpm_adaptive(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                         order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
                         pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0,
@@ -121,10 +120,8 @@ def sample_dpm_adaptive(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, n
     """
     if order not in (2, 3):
         raise ValueError(f"dpm_adaptive: order should be 2 or 3, got {order!r}")
-    stochastic = not _is_zero(eta)
-    x, sigmas = check_inputs("dpm_adaptive", x, sigmas, needs_noise=stochastic, key=key,
-                             noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
+    stochastic = not is_zero(eta)
+    x, sigmas, ns = setup("dpm_adaptive", x, sigmas, key, noise_sampler, stochastic=stochastic)
     t_start, t_end = _range(sigmas)
     solver = _Solver(denoiser, x)
     pid_order = 1.5 if stochastic else order
@@ -141,12 +138,7 @@ def sample_dpm_adaptive(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, n
     def body(state):
         s, x, x_prev, h = state["s"], state["x"], state["x_prev"], state["h"]
         t = jnp.minimum(t_end, s + h)
-        if stochastic:
-            sd, su = get_ancestral_step(_sigma(s), _sigma(t), eta)
-            t_ = jnp.minimum(t_end, _t(sd))
-            su = jnp.sqrt(jnp.maximum(_sigma(t) ** 2 - _sigma(t_) ** 2, 0))
-        else:
-            t_ = t
+        t_, su = _ancestral_target(s, t, t_end, eta, stochastic)
         eps = solver.eps(x, s)
         if order == 2:
             u1, s1 = solver.u1(x, s, t_, eps, 0.5)

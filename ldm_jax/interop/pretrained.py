@@ -126,6 +126,8 @@ def load_diffusers(path: str | os.PathLike, *, prediction_type: str | None = Non
         num_train_timesteps=scfg.get("num_train_timesteps", 1000), beta_start=scfg.get("beta_start", 0.0001),
         beta_end=scfg.get("beta_end", 0.02), beta_schedule=scfg.get("beta_schedule", "linear"),
         prediction_type=scfg.get("prediction_type", "epsilon"), scale_factor=float(vcfg.get("scaling_factor", 0.18215)),
+        timestep_spacing=scfg.get("timestep_spacing", "leading"), steps_offset=int(scfg.get("steps_offset", 0)),
+        set_alpha_to_one=bool(scfg.get("set_alpha_to_one", True)),
     )
     scheduler["class_name"] = scfg.get("_class_name", "PNDMScheduler")
     if scfg.get("trained_betas") is not None:
@@ -180,8 +182,9 @@ def save_diffusers(p: Pretrained, path: str | os.PathLike) -> None:
     s = p.scheduler
     scfg = {"_class_name": s.get("class_name", "PNDMScheduler"), "_diffusers_version": _DIFFUSERS_VERSION,
             **{k: s[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")},
-            "trained_betas": s.get("trained_betas"), "set_alpha_to_one": False, "steps_offset": 1,
-            "skip_prk_steps": True, "clip_sample": False, "timestep_spacing": "leading"}
+            "trained_betas": s.get("trained_betas"), "set_alpha_to_one": s.get("set_alpha_to_one", False),
+            "steps_offset": s.get("steps_offset", 1), "skip_prk_steps": True, "clip_sample": False,
+            "timestep_spacing": s.get("timestep_spacing", "leading")}
     _write_json(root / "scheduler" / "scheduler_config.json", scfg)
     has_text, has_tok = p.text_kwargs is not None, p.tokenizer_dir is not None
     _write_json(root / "model_index.json", {

@@ -31,6 +31,14 @@ def test_every_sampler_module_is_in_the_catalog():
             assert id(fn) in registered, f"{mod.__name__}.{fn} is not registered"
 
 
+def test_every_registered_sampler_has_a_golden_parity_case():
+    import test_samplers_comfy
+    import test_samplers_parity
+    covered = ({n for n, _ in test_samplers_parity.CASES.values()} | {n for n, *_ in test_samplers_parity.LDM_CASES.values()}
+               | {n for n, _ in test_samplers_comfy.CASES.values()})
+    assert set(sampling.SAMPLERS) - covered == set()
+
+
 def test_public_names_and_contract():
     assert sampling.SAMPLERS is registry.SAMPLERS
     for name, info in sampling.SAMPLER_INFO.items():

@@ -13,11 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ldm_jax.diffusion.samplers import Denoiser, _is_zero, check_inputs, default_noise, get_ancestral_step, scan_steps, to_d
+from ldm_jax.diffusion.registry import register_sampler
+from ldm_jax.diffusion.sampler_core import (Denoiser, check_inputs, default_noise, get_ancestral_step, is_zero,
+                                            scan_steps, to_d)
 from ldm_jax.diffusion.samplers_comfy import (add_noise, gradient_estimation, positive, predictor, res_multistep,
                                               sigma_of, t_of)
 
 
+@register_sampler("euler_ancestral_cfg_pp", noise="ancestral", needs_uncond=True)
 def sample_euler_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                   eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
     """Ancestral Euler with CFG++: x' = D + σ_down·(x − D_u)/σ + σ_up·s_noise·ε; D on the last step."""
@@ -39,17 +42,19 @@ def sample_euler_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, k
     return scan_steps(body, (x, jnp.int32(0)), sigmas)[0]
 
 
+@register_sampler("euler_cfg_pp", needs_uncond=True)
 def sample_euler_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None) -> jax.Array:
     """Euler with CFG++ (ComfyUI `euler_cfg_pp`): x' = D + σ'·(x − D_u)/σ."""
     return sample_euler_ancestral_cfg_pp(denoiser, x, sigmas, eta=0.0, s_noise=0.0)
 
 
+@register_sampler("dpmpp_2s_ancestral_cfg_pp", noise="ancestral", needs_uncond=True)
 def sample_dpmpp_2s_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                      eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
     """DPM-Solver++(2S) ancestral with CFG++ (ComfyUI `dpmpp_2s_ancestral_cfg_pp`). As ComfyUI, the
     final update shifts x by D − D_u with D_u of the *midpoint* evaluation (its post-CFG hook keeps
     the last unguided prediction)."""
-    stochastic = not _is_zero(eta)
+    stochastic = not is_zero(eta)
     x, sigmas = check_inputs("dpmpp_2s_ancestral_cfg_pp", x, sigmas, needs_noise=stochastic, key=key,
                              noise_sampler=noise_sampler)
     predict = predictor("dpmpp_2s_ancestral_cfg_pp", denoiser, cfg_pp=True)
@@ -78,6 +83,7 @@ def sample_dpmpp_2s_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *
     return scan_steps(body, (x, jnp.int32(0)), sigmas)[0]
 
 
+@register_sampler("dpmpp_2m_cfg_pp", needs_uncond=True)
 def sample_dpmpp_2m_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None) -> jax.Array:
     """DPM-Solver++(2M) with CFG++ (ComfyUI `dpmpp_2m_cfg_pp`): x' = D + e^{−h}(x − D_u) − (e^{−h} − 1)
     ·(D − D_u,prev)/(2r); first order on the first step, x' = D on the last."""
@@ -101,6 +107,7 @@ def sample_dpmpp_2m_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None
     return scan_steps(body, (x, jnp.zeros_like(x)), sigmas)[0]
 
 
+@register_sampler("res_multistep_cfg_pp", needs_uncond=True)
 def sample_res_multistep_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                 s_noise: float = 1.0) -> jax.Array:
     """RES multistep with CFG++ (ComfyUI `res_multistep_cfg_pp`)."""
@@ -108,6 +115,7 @@ def sample_res_multistep_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key
                          cfg_pp=True)
 
 
+@register_sampler("res_multistep_ancestral_cfg_pp", noise="ancestral", needs_uncond=True)
 def sample_res_multistep_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
                                           noise_sampler=None, eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
     """Ancestral RES multistep with CFG++ (ComfyUI `res_multistep_ancestral_cfg_pp`)."""
@@ -115,6 +123,7 @@ def sample_res_multistep_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigm
                          s_noise=s_noise, cfg_pp=True)
 
 
+@register_sampler("gradient_estimation_cfg_pp", needs_uncond=True)
 def sample_gradient_estimation_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                       ge_gamma: float = 2.0) -> jax.Array:
     """Gradient estimation with CFG++ (ComfyUI `gradient_estimation_cfg_pp`)."""

@@ -20,20 +20,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from ldm_jax.diffusion.denoisers import has_uncond
-from ldm_jax.diffusion.samplers import (Denoiser, _churn, _is_zero, call_denoiser, check_inputs, default_noise,
-                                        draw, get_ancestral_step, scan_steps, to_d)
+from ldm_jax.diffusion.registry import register_sampler
+from ldm_jax.diffusion.sampler_core import (Denoiser, add_noise, call_denoiser, check_inputs, default_noise, draw,
+                                            get_ancestral_step, is_zero, scan_steps, sigma_of, t_of, to_d)
+from ldm_jax.diffusion.samplers import _churn
 
-is_zero = _is_zero
 Predict = Callable[[jax.Array, jax.Array], tuple]
-
-
-def t_of(sigma):
-    """t = λ = −log σ (the half-log-SNR of σ space)."""
-    return -jnp.log(sigma)
-
-
-def sigma_of(t):
-    return jnp.exp(-t)
 
 
 def positive(v) -> bool:
@@ -64,14 +56,6 @@ def predictor(name: str, denoiser, cfg_pp: bool) -> Predict:
         return guided.astype(x.dtype), uncond.astype(x.dtype)
 
     return guided_and_uncond
-
-
-def add_noise(x, cnt, ns, sigma, sigma_next, scale):
-    """(x + scale·draw, cnt + 1) when σ_next > 0, else (x, cnt); no source: unchanged."""
-    if ns is None:
-        return x, cnt
-    add = lax.cond(sigma_next > 0, lambda: draw(ns, cnt, sigma, sigma_next, x) * scale, lambda: jnp.zeros_like(x))
-    return x + add, cnt + (sigma_next > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +99,7 @@ def res_multistep(name: str, denoiser, x, sigmas, key, noise_sampler, *, eta, s_
     return scan_steps(body, (x, jnp.zeros_like(x), sigmas[0], jnp.int32(0)), sigmas)[0]
 
 
+@register_sampler("res_multistep")
 def sample_res_multistep(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                          s_noise: float = 1.0) -> jax.Array:
     """RES second-order multistep (ComfyUI `res_multistep`), deterministic."""
@@ -122,6 +107,7 @@ def sample_res_multistep(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, 
                          s_noise=s_noise, cfg_pp=False)
 
 
+@register_sampler("res_multistep_ancestral", noise="ancestral")
 def sample_res_multistep_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                    eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
     """RES second-order multistep with ancestral noise (ComfyUI `res_multistep_ancestral`)."""
@@ -148,6 +134,7 @@ def gradient_estimation(name: str, denoiser, x, sigmas, *, ge_gamma, cfg_pp: boo
     return scan_steps(body, (x, jnp.zeros_like(x)), sigmas)[0]
 
 
+@register_sampler("gradient_estimation")
 def sample_gradient_estimation(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                                ge_gamma: float = 2.0) -> jax.Array:
     """Gradient-estimation sampler (ComfyUI `gradient_estimation`), γ = `ge_gamma`."""
@@ -165,6 +152,7 @@ def er_sde_noise_scaler(lam):
     return lam * (jnp.exp(lam ** 0.3) + 10.0)
 
 
+@register_sampler("er_sde", noise="ancestral")
 def sample_er_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None, s_noise: float = 1.0,
                   noise_scaler: Callable | None = None, max_stage: int = 3) -> jax.Array:
     """ER-SDE-Solver with stages 1-3 (its integrals by ComfyUI's 200-point rectangle rule in λ = σ)."""
@@ -277,6 +265,7 @@ def seeds(name: str, denoiser: Denoiser, x, sigmas, key, noise_sampler, *, eta, 
     return scan_steps(body, (x, jnp.int32(0)), sigmas)[0]
 
 
+@register_sampler("seeds_2", noise="ancestral")
 def sample_seeds_2(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None, eta: float = 1.0,
                    s_noise: float = 1.0, r: float = 0.5, solver_type: str = "phi_1") -> jax.Array:
     """SEEDS-2 (two predictions per step; `solver_type` phi_1: midpoint mix, phi_2: φ₂-weighted)."""
@@ -284,6 +273,7 @@ def sample_seeds_2(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_
                  solver_type=solver_type)
 
 
+@register_sampler("seeds_3", noise="ancestral")
 def sample_seeds_3(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None, eta: float = 1.0,
                    s_noise: float = 1.0, r_1: float = 1.0 / 3, r_2: float = 2.0 / 3) -> jax.Array:
     """SEEDS-3 (three predictions per step at λ_s, λ_s + r_1·h, λ_s + r_2·h)."""
@@ -291,6 +281,7 @@ def sample_seeds_3(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_
                  solver_type="phi_2")
 
 
+@register_sampler("exp_heun_2_x0")
 def sample_exp_heun_2_x0(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                          solver_type: str = "phi_2") -> jax.Array:
     """Exponential Heun in x0 and λ: SEEDS-2 with r = 1, η = 0 (ComfyUI `exp_heun_2_x0`)."""
@@ -298,6 +289,7 @@ def sample_exp_heun_2_x0(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, 
                  solver_type=solver_type)
 
 
+@register_sampler("exp_heun_2_x0_sde", noise="ancestral")
 def sample_exp_heun_2_x0_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                              eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "phi_2") -> jax.Array:
     """Stochastic exponential Heun: SEEDS-2 with r = 1 (ComfyUI `exp_heun_2_x0_sde`)."""
@@ -309,6 +301,7 @@ def sample_exp_heun_2_x0_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=No
 # Heun++ and variable-step iPNDM.
 
 
+@register_sampler("heunpp2")
 def sample_heunpp2(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None, s_churn: float = 0.0,
                    s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> jax.Array:
     """Heun++ (Carzit, sd-webui-samplers-scheduler; ComfyUI `heunpp2`): Karras churn, then a
@@ -364,6 +357,7 @@ def _ipndm_v_coeffs(h, h1, h2, h3):
     return c2, c3, c4
 
 
+@register_sampler("ipndm_v")
 def sample_ipndm_v(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                    max_order: int = 4) -> jax.Array:
     """Improved PNDM with variable step sizes (ComfyUI `ipndm_v`): order min(i + 1, max_order) in σ;

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ldm_jax.diffusion.denoisers import inner_discrete
-from ldm_jax.diffusion.samplers import Denoiser, call_denoiser, check_inputs, default_noise, draw, scan_steps
+from ldm_jax.diffusion.registry import register_sampler
+from ldm_jax.diffusion.sampler_core import Denoiser, call_denoiser, check_inputs, default_noise, draw, scan_steps
 from ldm_jax.diffusion.samplers_comfy import positive, t_of
 
 
@@ -76,6 +77,7 @@ def _default_interval(denoiser, name: str):
     return inner.percent_to_sigma(0.2), inner.percent_to_sigma(0.8)
 
 
+@register_sampler("sa_solver", noise="ancestral")
 def sample_sa_solver(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                      tau_func: Callable | None = None, tau_interval=None, eta: float = 1.0,
                      s_noise: float = 1.0, predictor_order: int = 3, corrector_order: int = 4,
@@ -145,6 +147,7 @@ def sample_sa_solver(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, nois
     return scan_steps(body, init, sigmas)[1]
 
 
+@register_sampler("sa_solver_pece", noise="ancestral")
 def sample_sa_solver_pece(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
                           **options) -> jax.Array:
     """SA-Solver in PECE mode (ComfyUI `sa_solver_pece`): D is re-evaluated after each correction."""

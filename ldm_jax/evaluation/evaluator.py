@@ -107,6 +107,7 @@ class Evaluator:
         self.metrics = scores.check_metrics(metric_names(cfg))
         self._inception: InceptionFeatures | None = None
         self._clip: CLIPScorer | None = None
+        self._first_stage: first_stage.FirstStageFeatures | None = None
         self._refs: dict[str, Any] = {}
 
     def done(self, step: int) -> bool:
@@ -120,8 +121,11 @@ class Evaluator:
                 self._inception = InceptionFeatures.from_file(self.cfg.inception, resize=self.cfg.resize,
                                                               batch_size=bs, mesh=pipe.mesh)
             out["inception"] = self._inception
-        if "first_stage" in spaces:  # frozen in LDM training: one extractor serves the whole run
-            out["first_stage"] = first_stage.FirstStageFeatures(pipe.vae, params["vae"], batch_size=bs, mesh=pipe.mesh)
+        if "first_stage" in spaces:
+            if self._first_stage is None:  # frozen in LDM training: one extractor (one compile) serves the run
+                self._first_stage = first_stage.FirstStageFeatures(pipe.vae, params["vae"], batch_size=bs,
+                                                                   mesh=pipe.mesh)
+            out["first_stage"] = self._first_stage
         return out
 
     def _ref(self, space: str, extractor: Any) -> Any:
@@ -134,7 +138,9 @@ class Evaluator:
                                                     describe=describe)
         return self._refs[space]
 
-    def __call__(self, step: int, pipe: Any, params: Any, writer: Any = None) -> dict[str, float]:
+    def __call__(self, step: int, pipe: Any, params: Any, writer: Any = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, float]:
+        """Evaluates `params` at `step`; `extra` is stored in the metrics.jsonl record as it is."""
         cfg, start = self.cfg, time.perf_counter()
         extractors = self._extractors(pipe, params)
         refs = {s: self._ref(s, e) for s, e in extractors.items()}
@@ -154,6 +160,7 @@ class Evaluator:
                     if k in self.metrics:
                         writer.add_scalar(f"eval/{k}", float(v), step)
                 writer.flush()
-            append_metrics(self.workdir, {"step": int(step), **{k: float(np.asarray(v)) for k, v in values.items()}})
+            append_metrics(self.workdir, {"step": int(step), **{k: float(np.asarray(v)) for k, v in values.items()},
+                                          **(extra or {})})
         log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         return values

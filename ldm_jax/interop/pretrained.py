@@ -1,5 +1,8 @@
 """Whole Stable Diffusion pipelines in and out: diffusers folders and CompVis/SD single files.
 
+SD 1/2 and SDXL base/refiner (two text towers; see `ldm_jax.interop.sdxl`) take the same paths;
+`Pretrained.family` says which one the tensors showed.
+
 `load_diffusers(folder)` / `load_single_file(file)` -> `Pretrained` (kwargs + params of the UNet, the
 autoencoder and the text encoder, the tokenizer folder, the training noise schedule), and
 `save_diffusers(p, folder)` / `save_single_file(p, file)` write one back out. Every load is
@@ -23,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ldm_jax.interop import clip
+from ldm_jax.interop import clip, sdxl
 from ldm_jax.interop import unet as unet_io
 from ldm_jax.interop import vae as vae_io
 from ldm_jax.interop.common import CheckpointError, StrictStateDict, load_state_dict, load_safetensors, save_safetensors
@@ -51,8 +54,15 @@ class Pretrained:
     text_kwargs: dict[str, Any] | None
     params: dict[str, Any]
     scheduler: dict[str, Any]  # num_train_timesteps, beta_start, beta_end, beta_schedule, prediction_type, scale_factor
-    tokenizer_dir: str | None = None
+    tokenizer_dir: str | dict[str, str] | None = None  # SDXL: {tower name: tokenizer folder}
     sample_size: int | None = None  # latent side the UNet was trained at (diffusers' unet sample_size)
+    # SDXL pipeline options (diffusers model_index.json): force_zeros_for_empty_prompt, requires_aesthetics_score
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """"sd1", "sd2", "sdxl-base", "sdxl-refiner" or "ldm", from the loaded tensors' configs."""
+        return sdxl.family(self.unet_kwargs, self.text_kwargs)
 
     @property
     def unet_params(self) -> Any:
@@ -115,12 +125,23 @@ def load_diffusers(path: str | os.PathLike, *, prediction_type: str | None = Non
     vae_kwargs = vae_io.config_from_diffusers(vcfg)
     params = {"unet": unet_params, "vae": vae_io.from_diffusers(sd, vae_kwargs)}
     sd.finish()
-    text_kwargs = None
-    if (index.get("text_encoder") or [None])[0] is not None or (root / "text_encoder").is_dir():
+    text_kwargs, tokenizer_dir, options = None, None, {}
+    towers = [n for n in sdxl.TOWERS if (index.get(n) or [None])[0] is not None or (root / n).is_dir()]
+    if "text_encoder_2" in towers:  # SDXL: both towers (base) or bigG alone (refiner)
+        encoders, params["text"], tokenizer_dir = {}, {}, {}
+        for name in towers:
+            tcfg, sd = _component(root, name)
+            encoders[name] = sdxl.tower_kwargs(tcfg)
+            params["text"][name] = clip.from_diffusers(sd, encoders[name])
+            tokenizer_dir[name] = str(root / sdxl.TOKENIZERS[name])
+        text_kwargs = {"encoders": encoders}
+        options = {k: bool(index[k]) for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
+    elif towers:
         tcfg, sd = _component(root, "text_encoder")
         text_kwargs = clip.config_from_diffusers(tcfg)
         params["text"] = clip.from_diffusers(sd, text_kwargs)
-    tok = root / "tokenizer"
+        tok = root / "tokenizer"
+        tokenizer_dir = str(tok) if tok.is_dir() and any(tok.iterdir()) else None
     scfg = _read_json(root / "scheduler" / "scheduler_config.json")
     scheduler = dict(  # diffusers' defaults where a config omits a field
         num_train_timesteps=scfg.get("num_train_timesteps", 1000), beta_start=scfg.get("beta_start", 0.0001),
@@ -134,8 +155,8 @@ def load_diffusers(path: str | os.PathLike, *, prediction_type: str | None = Non
         scheduler["trained_betas"] = list(scfg["trained_betas"])
     if prediction_type is not None:
         scheduler["prediction_type"] = _check_prediction(prediction_type)
-    return Pretrained(unet_kwargs, vae_kwargs, text_kwargs, params, scheduler,
-                      tokenizer_dir=str(tok) if tok.is_dir() and any(tok.iterdir()) else None, sample_size=sample_size)
+    return Pretrained(unet_kwargs, vae_kwargs, text_kwargs, params, scheduler, tokenizer_dir=tokenizer_dir,
+                      sample_size=sample_size, options=options)
 
 
 def load_text_encoder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -172,13 +193,15 @@ def save_diffusers(p: Pretrained, path: str | os.PathLike) -> None:
             **vae_io.config_to_diffusers(p.vae_kwargs, scaling_factor=p.scheduler.get("scale_factor"))}
     _write_json(root / "vae" / "config.json", vcfg)
     save_safetensors(vae_io.to_diffusers(p.params["vae"], p.vae_kwargs), root / "vae" / "diffusion_pytorch_model.safetensors", fmt)
-    if p.text_kwargs is not None:
-        _write_json(root / "text_encoder" / "config.json", clip.config_to_diffusers(p.text_kwargs))
-        save_safetensors(clip.to_diffusers(p.params["text"], p.text_kwargs), root / "text_encoder" / "model.safetensors", fmt)
-    if p.tokenizer_dir is not None:
-        src = pathlib.Path(p.tokenizer_dir)
-        if src.resolve() != (root / "tokenizer").resolve():
-            shutil.copytree(src, root / "tokenizer", dirs_exist_ok=True)
+    towers = _towers(p)
+    for name, kw in towers.items():
+        _write_json(root / name / "config.json", clip.config_to_diffusers(kw))
+        save_safetensors(clip.to_diffusers(_tower_params(p, name), kw), root / name / "model.safetensors", fmt)
+    tok_dirs = _tokenizer_dirs(p)
+    for name, src in tok_dirs.items():
+        dst = root / (sdxl.TOKENIZERS[name] if sdxl.is_sdxl_text(p.text_kwargs) else "tokenizer")
+        if pathlib.Path(src).resolve() != dst.resolve():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
     s = p.scheduler
     scfg = {"_class_name": s.get("class_name", "PNDMScheduler"), "_diffusers_version": _DIFFUSERS_VERSION,
             **{k: s[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")},
@@ -186,15 +209,48 @@ def save_diffusers(p: Pretrained, path: str | os.PathLike) -> None:
             "steps_offset": s.get("steps_offset", 1), "skip_prk_steps": True, "clip_sample": False,
             "timestep_spacing": s.get("timestep_spacing", "leading")}
     _write_json(root / "scheduler" / "scheduler_config.json", scfg)
-    has_text, has_tok = p.text_kwargs is not None, p.tokenizer_dir is not None
-    _write_json(root / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
-        "unet": ["diffusers", ucfg["_class_name"]], "vae": ["diffusers", vcfg.get("_class_name", "AutoencoderKL")],
-        "text_encoder": ["transformers", clip.config_to_diffusers(p.text_kwargs)["architectures"][0]] if has_text else [None, None],
-        "tokenizer": ["transformers", "CLIPTokenizer"] if has_tok else [None, None],
-        "scheduler": ["diffusers", scfg["_class_name"]],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
-    })
+    index = {
+        "_diffusers_version": _DIFFUSERS_VERSION, "unet": ["diffusers", ucfg["_class_name"]],
+        "vae": ["diffusers", vcfg.get("_class_name", "AutoencoderKL")], "scheduler": ["diffusers", scfg["_class_name"]],
+        "feature_extractor": [None, None],
+    }
+    names = sdxl.TOWERS if sdxl.is_sdxl_text(p.text_kwargs) else ("text_encoder",)
+    for name in names:
+        tok = sdxl.TOKENIZERS[name] if sdxl.is_sdxl_text(p.text_kwargs) else "tokenizer"
+        index[name] = (["transformers", clip.config_to_diffusers(towers[name])["architectures"][0]] if name in towers
+                       else [None, None])
+        index[tok] = ["transformers", "CLIPTokenizer"] if name in tok_dirs else [None, None]
+    if sdxl.is_sdxl_text(p.text_kwargs):
+        refiner = "text_encoder" not in towers
+        index.update(_class_name="StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+                     image_encoder=[None, None],
+                     force_zeros_for_empty_prompt=p.options.get("force_zeros_for_empty_prompt", not refiner))
+        if refiner:
+            index["requires_aesthetics_score"] = p.options.get("requires_aesthetics_score", True)
+    else:
+        index.update(_class_name="StableDiffusionPipeline", safety_checker=[None, None], requires_safety_checker=False)
+    _write_json(root / "model_index.json", index)
+
+
+def _towers(p: Pretrained) -> dict[str, dict[str, Any]]:
+    """{folder name: kwargs as transformers stores the tower} of `p`'s text towers."""
+    if p.text_kwargs is None:
+        return {}
+    if sdxl.is_sdxl_text(p.text_kwargs):
+        return {n: sdxl.plain(kw) for n, kw in p.text_kwargs["encoders"].items()}
+    return {"text_encoder": p.text_kwargs}
+
+
+def _tower_params(p: Pretrained, name: str) -> Any:
+    return p.params["text"][name] if sdxl.is_sdxl_text(p.text_kwargs) else p.params["text"]
+
+
+def _tokenizer_dirs(p: Pretrained) -> dict[str, str]:
+    if p.tokenizer_dir is None:
+        return {}
+    if isinstance(p.tokenizer_dir, Mapping):
+        return dict(p.tokenizer_dir)
+    return {"text_encoder": str(p.tokenizer_dir)}
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
@@ -293,7 +349,8 @@ def load_single_file(
     if not any(k.startswith(UNET_PREFIX) for k in tensors):
         raise CheckpointError(f"{path} holds no UNet ({UNET_PREFIX}*): not a Stable Diffusion / LDM single file")
     sd = StrictStateDict(tensors, what=str(path))
-    layout = meta.get("text_layout") if meta else clip.compvis_layout(tensors, TEXT_PREFIX)
+    is_xl = any(k.startswith(sdxl.CONDITIONER) for k in tensors)
+    layout = meta.get("text_layout") if meta else (None if is_xl else clip.compvis_layout(tensors, TEXT_PREFIX))
     if meta:
         unet_kwargs, vae_kwargs = _tuples(meta["unet"]), _tuples(meta["vae"])
         text_kwargs = _tuples(meta["text"]) if meta.get("text") is not None else None
@@ -303,6 +360,10 @@ def load_single_file(
         vae_kwargs = vae_io.config_from_compvis(tensors, VAE_PREFIX)
         text_kwargs = clip.config_from_compvis(tensors, TEXT_PREFIX) if layout else None
         scheduler = _schedule_from_file(tensors)
+        if is_xl:  # SGM files carry no schedule buffers: SDXL's own (EulerDiscrete, scale 0.13025)
+            text_kwargs = sdxl.text_config_from_single_file(tensors)
+            scheduler = {**scheduler, "scale_factor": scheduler["scale_factor"] if "scale_factor" in tensors
+                         else sdxl.SCALE_FACTOR, "class_name": sdxl.SCHEDULER["class_name"]}
         if layout == "open_clip" and unet_kwargs.get("in_channels") == 4:
             scheduler["prediction_type"] = "v_prediction"
             if prediction_type is None:
@@ -315,20 +376,26 @@ def load_single_file(
     if text_kwargs is not None:
         text_kwargs = {**text_kwargs, **overrides.get("text", {})}
     params = {"unet": unet_io.from_compvis(sd, unet_kwargs, UNET_PREFIX), "vae": vae_io.from_compvis(sd, vae_kwargs, VAE_PREFIX)}
-    if text_kwargs is not None:
+    if sdxl.is_sdxl_text(text_kwargs):
+        params["text"] = sdxl.load_single_file_text(sd, text_kwargs)
+    elif text_kwargs is not None:
         params["text"] = clip.from_compvis(sd, text_kwargs, TEXT_PREFIX, layout=layout)
     # everything outside the three models must be a known LDM buffer or the EMA copy
-    known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, "model_ema.") + _LDM_BUFFERS
+    known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, sdxl.CONDITIONER, "model_ema.") + _LDM_BUFFERS
     for k in _LDM_BUFFERS:
         if k in sd:
             sd.take(k)
     sd.finish("", ignore=known)
-    sample_size = (meta or {}).get("sample_size") or (96 if scheduler["prediction_type"] == "v_prediction" else 64)
-    return Pretrained(unet_kwargs, vae_kwargs, text_kwargs, params, scheduler, tokenizer_dir=None, sample_size=sample_size)
+    sample_size = (meta or {}).get("sample_size") or (
+        128 if is_xl else 96 if scheduler["prediction_type"] == "v_prediction" else 64)
+    options = dict((meta or {}).get("options") or {})
+    return Pretrained(unet_kwargs, vae_kwargs, text_kwargs, params, scheduler, tokenizer_dir=None,
+                      sample_size=sample_size, options=options)
 
 
 def save_single_file(p: Pretrained, path: str | os.PathLike, *, text_layout: str | None = None) -> None:
-    """Writes `p` as one CompVis-layout .safetensors file (model.diffusion_model., first_stage_model., cond_stage_model.).
+    """Writes `p` as one CompVis-layout .safetensors file (model.diffusion_model., first_stage_model., cond_stage_model.;
+    SDXL: conditioner.embedders.N. as Stability's files).
 
     The text encoder goes in SD1's HF layout or SD2's OpenCLIP layout (`clip.default_compvis_layout`
     unless `text_layout`); the exact configs ride along as metadata so that `load_single_file` round-trips.
@@ -338,9 +405,11 @@ def save_single_file(p: Pretrained, path: str | os.PathLike, *, text_layout: str
         raise ValueError(f"single files are written as .safetensors, got {path.name}")
     tensors = {**unet_io.to_compvis(p.params["unet"], p.unet_kwargs, UNET_PREFIX),
                **vae_io.to_compvis(p.params["vae"], p.vae_kwargs, VAE_PREFIX)}
-    if p.text_kwargs is not None:
+    if sdxl.is_sdxl_text(p.text_kwargs):
+        tensors.update(sdxl.save_single_file_text(p.params["text"], p.text_kwargs))
+    elif p.text_kwargs is not None:
         text_layout = text_layout or clip.default_compvis_layout(p.text_kwargs)
         tensors.update(clip.to_compvis(p.params["text"], p.text_kwargs, TEXT_PREFIX, layout=text_layout))
     meta = dict(unet=p.unet_kwargs, vae=p.vae_kwargs, text=p.text_kwargs, scheduler=p.scheduler,
-                text_layout=text_layout, sample_size=p.sample_size)
+                text_layout=text_layout, sample_size=p.sample_size, options=p.options)
     save_safetensors(tensors, path, {"format": "pt", "ldm_jax": json.dumps(_jsonable(meta))})

@@ -11,10 +11,14 @@ Outputs mirror transformers' `CLIPTextModel`: `hidden_states` is `hidden_states[
 (projected by `text_projection` when `projection_dim` is set, as OpenCLIP's `encode_text`). Under
 `jax.jit` the layers after `output_layer` are dead code when `pooled` is unused, so SD2's 24-layer
 OpenCLIP tower costs 23 layers.
+
+`TextEncoders` runs several towers on one prompt (SDXL: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, each
+at its penultimate layer without the final LayerNorm) and concatenates their hidden states; its pooled
+output is the last tower's (bigG's projected EOS embedding).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +46,16 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
     # bidirectional), expressed with this module's CLIP-style blocks.
     "ldm-kl-8-g": dict(vocab_size=30522, width=1280, layers=32, heads=8, mlp_dim=5120, act="gelu", causal=False),
     "tiny": dict(vocab_size=1000, width=32, layers=2, heads=4, mlp_dim=64, act="gelu"),
+    # SDXL's towers as its conditioner uses them: hidden_states[-2] without the final LayerNorm (diffusers
+    # StableDiffusionXLPipeline.encode_prompt, SGM FrozenCLIPEmbedder/FrozenOpenCLIPEmbedder2 "penultimate")
+    "sdxl-clip-l": dict(vocab_size=49408, width=768, layers=12, heads=12, mlp_dim=3072, act="quick_gelu",
+                        output_layer=-2, final_norm=False),
+    "openclip-vit-bigg-14": dict(vocab_size=49408, width=1280, layers=32, heads=20, mlp_dim=5120, act="gelu",
+                                 projection_dim=1280, output_layer=-2, final_norm=False),
 }
+# SDXL conditioners: TextEncoders(encoders=...) by the diffusers folder names of the towers
+SDXL_TEXT = {"sdxl-base": {"text_encoder": TEXT_PRESETS["sdxl-clip-l"], "text_encoder_2": TEXT_PRESETS["openclip-vit-bigg-14"]},
+             "sdxl-refiner": {"text_encoder_2": TEXT_PRESETS["openclip-vit-bigg-14"]}}
 
 
 class CLIPAttention(nn.Module):
@@ -164,3 +177,42 @@ class CLIPTextTransformer(nn.Module):
                 self.projection_dim, use_bias=False, names=("embed", "mlp"), name="text_projection", **kw
             )(pooled)
         return hidden, pooled
+
+
+class TextEncoders(nn.Module):
+    """Several text towers on one prompt: ids (B, n, L), one row per tower's tokenizer ->
+    (hidden states concatenated on the feature axis (B, L, sum of widths), the last tower's pooled output).
+
+    `encoders` maps each tower's name (its params key: diffusers' `text_encoder`, `text_encoder_2`) to its
+    `CLIPTextTransformer` kwargs, in order.
+    """
+
+    encoders: Mapping[str, Mapping[str, Any]]
+    remat_policy: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def width(self) -> int:
+        """The context width (sum of the towers' widths)."""
+        return sum(int(CLIPTextTransformer(**kw).width) for kw in self.encoders.values())
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if input_ids.ndim != 3 or input_ids.shape[1] != len(self.encoders):
+            raise ValueError(f"TextEncoders with {len(self.encoders)} towers ({', '.join(self.encoders)}) needs ids "
+                             f"(B, {len(self.encoders)}, L), got {input_ids.shape}")
+        hidden, pooled = [], None
+        for i, (name, kw) in enumerate(self.encoders.items()):
+            kw = {"remat_policy": self.remat_policy, **kw}
+            h, pooled = CLIPTextTransformer(**kw, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
+                input_ids[:, i])
+            hidden.append(h)
+        return jnp.concatenate(hidden, axis=-1), pooled
+
+
+def build_text_encoder(kwargs: Mapping[str, Any]) -> nn.Module:
+    """`TextEncoders` when `kwargs` has "encoders" (SDXL), else one `CLIPTextTransformer`."""
+    if "encoders" in kwargs:
+        return TextEncoders(**kwargs)
+    return CLIPTextTransformer(**kwargs)

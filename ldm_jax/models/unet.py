@@ -77,10 +77,10 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     ),
     # the SDXL structure (no attention at the top level, per-level depth, text_time conditioning) in miniature
     "sdxl-tiny": dict(
-        in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+        in_channels=4, out_channels=4, model_channels=8, channel_mult=(1, 2, 4), num_res_blocks=1,
         attention_resolutions=(4, 2), num_heads=-1, num_head_channels=8, transformer_depth=(1, 1, 1),
         context_dim=32, use_linear_in_transformer=True, adm_in_channels=16 + 6 * 8, addition_time_embed_dim=8,
-        norm_num_groups=8,
+        norm_num_groups=4,
     ),
     # small enough to train on a CPU; text-conditioned like SD
     "tiny": dict(

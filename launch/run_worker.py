@@ -30,14 +30,17 @@ def main(argv: list[str]) -> None:
     # `python -m` would put the working directory on sys.path; a script run puts launch/ there instead.
     sys.path[:0] = [os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
     initialize()
+    from ldm_jax import distributed
+
     if argv[0] == "-m":
         if len(argv) < 2:
             raise SystemExit("-m needs a module name")
         sys.argv = [argv[1], *argv[2:]]
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        # a failure in one process (exception, sys.exit(1)) stops the others instead of leaving them in a collective
+        distributed.guard(lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True))
     else:
         sys.argv = list(argv)
-        runpy.run_path(argv[0], run_name="__main__")
+        distributed.guard(lambda: runpy.run_path(argv[0], run_name="__main__"))
 
 
 if __name__ == "__main__":

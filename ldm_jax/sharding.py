@@ -12,6 +12,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ldm_jax import distributed
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
@@ -108,22 +110,27 @@ def initialize_distributed(
 
     Explicit values win; else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (set by
     `launch/`), else cluster auto-detection (TPU pod, Slurm, ...) when LDM_JAX_DISTRIBUTED=1.
-    A single process with nothing set stays single-process.
+    A single process with nothing set stays single-process. Once formed, a failing or dead process stops
+    the others within seconds, naming it (`ldm_jax.distributed`).
     """
     import os
 
     if jax.distributed.is_initialized():  # e.g. already started by launch/run_worker.py
+        distributed.watch()
         return True
     addr = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     n = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
     pid = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    timeout = distributed.heartbeat_timeout()
     if addr and n is not None and pid is not None:
-        jax.distributed.initialize(coordinator_address=addr, num_processes=int(n), process_id=int(pid))
-        return True
-    if os.environ.get("LDM_JAX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()  # auto-detects TPU pods and Slurm/MPI clusters
-        return True
-    return False
+        jax.distributed.initialize(coordinator_address=addr, num_processes=int(n), process_id=int(pid),
+                                   heartbeat_timeout_seconds=timeout)
+    elif os.environ.get("LDM_JAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize(heartbeat_timeout_seconds=timeout)  # auto-detects TPU pods, Slurm/MPI clusters
+    else:
+        return False
+    distributed.watch()
+    return True
 
 
 def put_like(tree: Any, like: Any) -> Any:

@@ -34,4 +34,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ldm_jax import distributed
+
+    distributed.guard(main)

@@ -260,9 +260,9 @@ class Pipeline:
                     extra = jnp.concatenate([m, self._encode_image(params, image * (mask[..., None] < 0.5), scale)], -1)
             denoise = self._denoiser(params, uncond_ctx, cond_ctx, guidance, extra)
             if st.mode == "inpaint" and extra is None:
-                # Plain UNets: the known region's x0 is the image's (denoiser-level masking), so any sampler works.
-                inner = denoise
-                denoise = lambda x, s: m * inner(x, s) + (1 - m) * init  # noqa: E731
+                # Plain UNets: the known region's x0 is the image's (denoiser-level masking), so any sampler works
+                # (CFG++ included: the mask keeps with_uncond).
+                denoise = denoisers.MaskedDenoiser(denoise, m, init)
             s0 = sigmas[0]
             if st.from_image:
                 x = init + noise * s0

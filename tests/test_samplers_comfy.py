@@ -156,7 +156,7 @@ def test_cfg_pp_rejects_a_denoiser_without_uncond(name):
         traced.append(1)
         return x
 
-    with pytest.raises(TypeError, match="with_uncond"):
+    with pytest.raises(TypeError, match=f"{name} is a CFG\\+\\+ sampler.*with_uncond"):
         FNS[name](plain, x, jnp.asarray(G["euler_cfg_pp/sigmas"], jnp.float32), key=jax.random.key(0))
     assert not traced
 
@@ -227,3 +227,20 @@ def test_masked_denoiser_keeps_cfg_pp_and_noise_levels():
     assert not denoisers.has_uncond(denoisers.MaskedDenoiser(_mix("mix_c"), m, known))
     sd = denoisers.DiscreteDenoiser(lambda x, t: x, schedules.alphas_cumprod(schedules.make_betas("linear")))
     assert denoisers.inner_discrete(denoisers.MaskedDenoiser(denoisers.CFGDenoiser(sd, {}, {}), m, known)) is sd
+
+
+def test_pipeline_cfg_pp_inpainting(goldens_dir):
+    """Through Pipeline (tiny random SD): a CFG++ sampler inpaints with a plain UNet (MaskedDenoiser
+    keeps with_uncond) and keeps the unmasked latents."""
+    from ldm_jax.pipeline import load_pretrained
+    pipe = load_pretrained(goldens_dir / "tiny_sd")
+    size = 32
+    image = np.random.default_rng(1).uniform(0, 255, (size, size, 3)).astype(np.uint8)
+    mask = np.zeros((size, size), np.float32)
+    mask[:, : size // 2] = 1.0
+    kw = dict(schedule="karras", steps=4, height=size, width=size, seed=3, output="latent")
+    out = pipe.inpaint(["a red circle"], image, mask, sampler="euler_cfg_pp", guidance_scale=1.5, **kw)
+    z0 = np.asarray(pipe._encode_image(pipe.params, jnp.asarray(image[None] / 127.5 - 1, jnp.float32)))
+    half = z0.shape[2] // 2
+    np.testing.assert_allclose(out[:, :, half:], z0[:, :, half:], atol=1e-6)
+    assert np.abs(out[:, :, :half] - z0[:, :, :half]).mean() > 0.1

@@ -14,21 +14,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from ldm_jax.diffusion.registry import register_sampler
-from ldm_jax.diffusion.sampler_core import (Denoiser, check_inputs, default_noise, get_ancestral_step, is_zero,
-                                            scan_steps, to_d)
-from ldm_jax.diffusion.samplers_comfy import (add_noise, gradient_estimation, positive, predictor, res_multistep,
-                                              sigma_of, t_of)
+from ldm_jax.diffusion.sampler_core import (Denoiser, add_noise, get_ancestral_step, is_zero, scan_steps, setup,
+                                            sigma_of, t_of, to_d)
+from ldm_jax.diffusion.samplers_comfy import gradient_estimation, positive, predictor, res_multistep
 
 
-@register_sampler("euler_ancestral_cfg_pp", noise="ancestral", needs_uncond=True)
-def sample_euler_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
-                                  eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
-    """Ancestral Euler with CFG++: x' = D + σ_down·(x − D_u)/σ + σ_up·s_noise·ε; D on the last step."""
+def euler_cfg_pp(name: str, denoiser, x, sigmas, key, noise_sampler, *, eta, s_noise):
+    """x' = D + σ_down·(x − D_u)/σ + σ_up·s_noise·ε, and D on the last step."""
     stochastic = positive(eta) and positive(s_noise)
-    x, sigmas = check_inputs("euler_ancestral_cfg_pp", x, sigmas, needs_noise=stochastic, key=key,
-                             noise_sampler=noise_sampler)
-    predict = predictor("euler_ancestral_cfg_pp", denoiser, cfg_pp=True)
-    ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None  # σ_down keeps η either way
+    # σ_down keeps η even when s_noise = 0 (no draws then), as ComfyUI
+    x, sigmas, ns = setup(name, x, sigmas, key, noise_sampler, stochastic=stochastic)
+    predict = predictor(name, denoiser, cfg_pp=True)
 
     def body(carry, i):
         x, cnt = carry
@@ -42,10 +38,17 @@ def sample_euler_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, k
     return scan_steps(body, (x, jnp.int32(0)), sigmas)[0]
 
 
+@register_sampler("euler_ancestral_cfg_pp", noise="ancestral", needs_uncond=True)
+def sample_euler_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None,
+                                  eta: float = 1.0, s_noise: float = 1.0) -> jax.Array:
+    """Ancestral Euler with CFG++ (ComfyUI `euler_ancestral_cfg_pp`)."""
+    return euler_cfg_pp("euler_ancestral_cfg_pp", denoiser, x, sigmas, key, noise_sampler, eta=eta, s_noise=s_noise)
+
+
 @register_sampler("euler_cfg_pp", needs_uncond=True)
 def sample_euler_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None) -> jax.Array:
     """Euler with CFG++ (ComfyUI `euler_cfg_pp`): x' = D + σ'·(x − D_u)/σ."""
-    return sample_euler_ancestral_cfg_pp(denoiser, x, sigmas, eta=0.0, s_noise=0.0)
+    return euler_cfg_pp("euler_cfg_pp", denoiser, x, sigmas, None, None, eta=0.0, s_noise=0.0)
 
 
 @register_sampler("dpmpp_2s_ancestral_cfg_pp", noise="ancestral", needs_uncond=True)
@@ -55,10 +58,8 @@ def sample_dpmpp_2s_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *
     final update shifts x by D − D_u with D_u of the *midpoint* evaluation (its post-CFG hook keeps
     the last unguided prediction)."""
     stochastic = not is_zero(eta)
-    x, sigmas = check_inputs("dpmpp_2s_ancestral_cfg_pp", x, sigmas, needs_noise=stochastic, key=key,
-                             noise_sampler=noise_sampler)
+    x, sigmas, ns = setup("dpmpp_2s_ancestral_cfg_pp", x, sigmas, key, noise_sampler, stochastic=stochastic)
     predict = predictor("dpmpp_2s_ancestral_cfg_pp", denoiser, cfg_pp=True)
-    ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
 
     def body(carry, i):
         x, cnt = carry
@@ -87,7 +88,7 @@ def sample_dpmpp_2s_ancestral_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *
 def sample_dpmpp_2m_cfg_pp(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_sampler=None) -> jax.Array:
     """DPM-Solver++(2M) with CFG++ (ComfyUI `dpmpp_2m_cfg_pp`): x' = D + e^{−h}(x − D_u) − (e^{−h} − 1)
     ·(D − D_u,prev)/(2r); first order on the first step, x' = D on the last."""
-    x, sigmas = check_inputs("dpmpp_2m_cfg_pp", x, sigmas)
+    x, sigmas, _ = setup("dpmpp_2m_cfg_pp", x, sigmas)
     predict = predictor("dpmpp_2m_cfg_pp", denoiser, cfg_pp=True)
 
     def body(carry, i):

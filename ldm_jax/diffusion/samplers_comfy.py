@@ -21,8 +21,8 @@ from jax import lax
 
 from ldm_jax.diffusion.denoisers import has_uncond
 from ldm_jax.diffusion.registry import register_sampler
-from ldm_jax.diffusion.sampler_core import (Denoiser, add_noise, call_denoiser, check_inputs, default_noise, draw,
-                                            get_ancestral_step, is_zero, scan_steps, sigma_of, t_of, to_d)
+from ldm_jax.diffusion.sampler_core import (Denoiser, add_noise, call_denoiser, draw, get_ancestral_step, is_zero,
+                                            scan_steps, setup, sigma_of, t_of, to_d)
 from ldm_jax.diffusion.samplers import _churn
 
 Predict = Callable[[jax.Array, jax.Array], tuple]
@@ -66,8 +66,7 @@ def predictor(name: str, denoiser, cfg_pp: bool) -> Predict:
 def res_multistep(name: str, denoiser, x, sigmas, key, noise_sampler, *, eta, s_noise, cfg_pp: bool):
     """Second-order RES multistep in t = −log σ with ancestral steps; Euler on the first and last step."""
     stochastic = not is_zero(eta)
-    x, sigmas = check_inputs(name, x, sigmas, needs_noise=stochastic, key=key, noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
+    x, sigmas, ns = setup(name, x, sigmas, key, noise_sampler, stochastic=stochastic)
     predict = predictor(name, denoiser, cfg_pp)
 
     def body(carry, i):
@@ -118,7 +117,7 @@ def sample_res_multistep_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *, 
 def gradient_estimation(name: str, denoiser, x, sigmas, *, ge_gamma, cfg_pp: bool):
     """Euler steps plus (γ − 1)·(d_i − d_{i−1})·dt (Permenter & Yuan 2024, "Interpreting and Improving
     Diffusion Models from an Optimization Perspective", ICML; ComfyUI `gradient_estimation`)."""
-    x, sigmas = check_inputs(name, x, sigmas)
+    x, sigmas, _ = setup(name, x, sigmas)
     predict = predictor(name, denoiser, cfg_pp)
 
     def body(carry, i):
@@ -159,8 +158,7 @@ def sample_er_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_s
     if max_stage not in (1, 2, 3):
         raise ValueError(f"er_sde: max_stage must be 1, 2 or 3, got {max_stage!r}")
     stochastic = positive(s_noise)
-    x, sigmas = check_inputs("er_sde", x, sigmas, needs_noise=stochastic, key=key, noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
+    x, sigmas, ns = setup("er_sde", x, sigmas, key, noise_sampler, stochastic=stochastic)
     fn = er_sde_noise_scaler if noise_scaler is None else noise_scaler
     points = jnp.arange(200, dtype=x.dtype)
 
@@ -216,8 +214,7 @@ def seeds(name: str, denoiser: Denoiser, x, sigmas, key, noise_sampler, *, eta, 
     if solver_type not in ("phi_1", "phi_2"):
         raise ValueError(f"{name}: solver_type must be 'phi_1' or 'phi_2', got {solver_type!r}")
     inject = positive(eta) and positive(s_noise)
-    x, sigmas = check_inputs(name, x, sigmas, needs_noise=inject, key=key, noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler) if inject else None
+    x, sigmas, ns = setup(name, x, sigmas, key, noise_sampler, stochastic=inject)
 
     def step(carry, sigma, sigma_next, denoised):
         x, cnt = carry
@@ -307,9 +304,7 @@ def sample_heunpp2(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_
     """Heun++ (Carzit, sd-webui-samplers-scheduler; ComfyUI `heunpp2`): Karras churn, then a
     3-point average of slopes at σ_i, σ_{i+1}, σ_{i+2} weighted by σ/(3σ_0) (2 points on the
     second-to-last step, Euler on the last), steps judged against the final σ."""
-    x, sigmas = check_inputs("heunpp2", x, sigmas, needs_noise=not is_zero(s_churn), key=key,
-                             noise_sampler=noise_sampler)
-    ns = default_noise(x, sigmas, key, noise_sampler) if not is_zero(s_churn) else None
+    x, sigmas, ns = setup("heunpp2", x, sigmas, key, noise_sampler, stochastic=not is_zero(s_churn))
     n = sigmas.shape[0] - 1
     s_end, s_first = sigmas[-1], sigmas[0]
 
@@ -364,7 +359,7 @@ def sample_ipndm_v(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, noise_
     the last step to σ = 0 returns D."""
     if max_order not in (1, 2, 3, 4):
         raise ValueError(f"ipndm_v: max_order must be 1, 2, 3 or 4, got {max_order!r}")
-    x, sigmas = check_inputs("ipndm_v", x, sigmas)
+    x, sigmas, _ = setup("ipndm_v", x, sigmas)
     slots = max(max_order - 1, 1)
 
     def body(carry, i):

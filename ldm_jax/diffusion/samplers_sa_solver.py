@@ -22,8 +22,8 @@ from jax import lax
 
 from ldm_jax.diffusion.denoisers import inner_discrete
 from ldm_jax.diffusion.registry import register_sampler
-from ldm_jax.diffusion.sampler_core import Denoiser, call_denoiser, check_inputs, default_noise, draw, scan_steps
-from ldm_jax.diffusion.samplers_comfy import positive, t_of
+from ldm_jax.diffusion.sampler_core import Denoiser, call_denoiser, draw, scan_steps, setup, t_of
+from ldm_jax.diffusion.samplers_comfy import positive
 
 
 def _moments(h, tau_mul, n: int):
@@ -89,11 +89,10 @@ def sample_sa_solver(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None, nois
         if not isinstance(v, int) or not lo <= v <= 6:
             raise ValueError(f"{name}: {opt} must be an int in [{lo}, 6], got {v!r}")
     stochastic = positive(s_noise) and (tau_func is not None or positive(eta))
-    x, sigmas = check_inputs(name, x, sigmas, needs_noise=stochastic, key=key, noise_sampler=noise_sampler)
+    x, sigmas, ns = setup(name, x, sigmas, key, noise_sampler, stochastic=stochastic)
     if tau_func is None:
         start, end = _default_interval(denoiser, name) if tau_interval is None else tau_interval
         tau_func = interval_tau(start, end, eta)
-    ns = default_noise(x, sigmas, key, noise_sampler) if stochastic else None
     n = sigmas.shape[0] - 1
     m = max(predictor_order, corrector_order)
     lambdas = t_of(jnp.where(sigmas > 0, sigmas, 1.0))  # λ of σ = 0 is never used

@@ -61,8 +61,8 @@ def test_stats_fid_and_clip_commands(tmp_path, goldens_dir):
     assert ref.features.shape == (8, 8 * 8 * 4)
     assert result["fid_first_stage"] == pytest.approx(fid.fid_from_features(feats(samples), ref), rel=1e-5)
 
-    res = _cli("clip", f"--images={tmp_path / 'out'}", f"--clip={tiny_clip}", f"--prompts={tmp_path / 'prompts.txt'}",
-               f"--out={tmp_path / 'clip'}", cwd=tmp_path)
+    res = _cli("clip", f"--images={tmp_path / 'out'}", f"--clip={tiny_clip}", f"--out={tmp_path / 'clip'}",
+               cwd=tmp_path)  # the prompts come from the PNGs' "ldm_jax" text chunks
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads((tmp_path / "clip" / "clip.json").read_text())
     per = CLIPScorer.from_folder(str(tiny_clip)).per_sample(samples, meta)

@@ -144,6 +144,10 @@ def _metric(cmd: str) -> None:
         prompts = run.read_prompts(F.prompts, F.num_samples, getattr(pipe, "config", None) and pipe.config.data)
     settings: dict[str, Any] = {}
     if F.images:
+        if prompts is None and cmd == "clip":  # the prompts `python -m ldm_jax.sample` / this CLI wrote into the PNGs
+            prompts = reference.png_prompts(F.images, F.num_samples)
+            if prompts is None:
+                raise app.UsageError(f"clip needs --prompts: the images in {F.images} carry no ldm_jax prompt")
         chunks = _folder_chunks(F.images, prompts)
     else:
         settings = dict(sampler=F.sampler, schedule=F.schedule, steps=F.steps or 25, seed=F.seed,

@@ -70,6 +70,21 @@ def folder_images(path: str | pathlib.Path, resolution: int | None = None, num: 
     return gen(), len(files)
 
 
+def png_prompts(path: str | pathlib.Path, num: int | None = None) -> list[str] | None:
+    """The prompts our samplers store in each PNG's "ldm_jax" text chunk (folder order), or None if one lacks it."""
+    from PIL import Image
+
+    out = []
+    for p in find_images(pathlib.Path(path).expanduser())[:num]:
+        with Image.open(p) as im:
+            meta = getattr(im, "text", {}).get("ldm_jax")
+        prompt = json.loads(meta).get("prompt") if meta else None
+        if prompt is None:
+            return None
+        out.append(prompt)
+    return out
+
+
 def cached_stats(path: str | pathlib.Path, compute: Callable[[], np.ndarray], describe: dict[str, Any]) -> fid.Stats:
     """The statistics at `path` if it was made for `describe`, else `compute()` features -> stats -> saved."""
     path = pathlib.Path(path)

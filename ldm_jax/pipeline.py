@@ -47,6 +47,7 @@ class SchedulerConfig:
     timestep_spacing: str = "leading"
     steps_offset: int = 1
     set_alpha_to_one: bool = False
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2023; pair with timestep_spacing "trailing"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SchedulerConfig":
@@ -64,7 +65,11 @@ class SchedulerConfig:
             betas = schedules.make_betas(
                 name, self.num_train_timesteps, linear_start=self.beta_start, linear_end=self.beta_end
             )
-        return schedules.alphas_cumprod(betas)
+        if not self.rescale_betas_zero_snr:
+            return schedules.alphas_cumprod(betas)
+        ac = schedules.alphas_cumprod(schedules.rescale_zero_terminal_snr(betas))
+        ac[-1] = schedules.ZERO_SNR_ALPHA_CUMPROD  # σ = 4096 instead of ∞, as diffusers' σ-space schedulers
+        return ac
 
 
 def _as_host_ids(tokenizer: Callable[[Sequence[str]], np.ndarray], texts: Sequence[str]) -> np.ndarray:

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from ldm_jax.diffusion import schedules
+from ldm_jax.diffusion import schedules, schedules_extra
 
 SPACES = ("sigma", "vp")
 NOISE_KINDS = ("none", "ancestral", "sde")
@@ -156,8 +156,7 @@ def schedule_sigmas(name: str, steps: int, levels: NoiseLevels, **options) -> np
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_INFO)}")
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    with jax.enable_x64(True):  # the jnp formulas run in float64 on the host
-        s = np.asarray(SCHEDULE_INFO[name].fn(int(steps), levels, **options), np.float64)
+    s = np.asarray(SCHEDULE_INFO[name].fn(int(steps), levels, **options), np.float64)
     if s.shape != (steps + 1,):
         raise ValueError(f"schedule {name!r} gave {s.shape[0]} sigmas for {steps} steps (expected {steps + 1})")
     return s
@@ -172,22 +171,35 @@ def sampler_levels(model_sigmas, sampler: str, *, timestep_spacing: str = "leadi
     return NoiseLevels(s, timestep_spacing, int(steps_offset), float(s[0]) if vp and not set_alpha_to_one else 0.0)
 
 
+def _host64(fn):
+    """Runs one of the jnp (traceable) k-diffusion formulas in float64 on the host."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with jax.enable_x64(True):
+            return np.asarray(fn(*args, **kwargs), np.float64)
+    return run
+
+
 @register_schedule("karras", a1111="Karras", comfy="karras")
+@_host64
 def _karras(steps, levels, rho: float = 7.0):
     return schedules.get_sigmas_karras(steps, levels.sigma_min, levels.sigma_max, rho)
 
 
 @register_schedule("exponential", a1111="Exponential", comfy="exponential")
+@_host64
 def _exponential(steps, levels):
     return schedules.get_sigmas_exponential(steps, levels.sigma_min, levels.sigma_max)
 
 
 @register_schedule("polyexponential", a1111="Polyexponential")
+@_host64
 def _polyexponential(steps, levels, rho: float = 1.0):
     return schedules.get_sigmas_polyexponential(steps, levels.sigma_min, levels.sigma_max, rho)
 
 
 @register_schedule("vp")
+@_host64
 def _vp(steps, levels, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3):
     return schedules.get_sigmas_vp(steps, beta_d, beta_min, eps_s)
 
@@ -202,10 +214,48 @@ def _simple(steps, levels):
     return schedules.get_sigmas_simple(steps, levels.sigmas)
 
 
+@register_schedule("sgm_uniform", a1111="SGM Uniform", comfy="sgm_uniform")
+def _sgm_uniform(steps, levels):
+    return schedules_extra.get_sigmas_sgm_uniform(steps, levels.sigmas)
+
+
+@register_schedule("beta", a1111="Beta", comfy="beta")
+def _beta(steps, levels, alpha: float = 0.6, beta: float = 0.6):
+    return schedules_extra.get_sigmas_beta(steps, levels.sigmas, alpha, beta)
+
+
+@register_schedule("linear_quadratic", comfy="linear_quadratic")
+def _linear_quadratic(steps, levels, threshold_noise: float = 0.025, linear_steps: int | None = None):
+    return schedules_extra.get_sigmas_linear_quadratic(steps, levels.sigma_max, threshold_noise, linear_steps)
+
+
+@register_schedule("kl_optimal", a1111="KL Optimal", comfy="kl_optimal")
+def _kl_optimal(steps, levels):
+    return schedules_extra.get_sigmas_kl_optimal(steps, levels.sigma_min, levels.sigma_max)
+
+
+@register_schedule("ays_sd1", a1111="Align Your Steps")
+def _ays_sd1(steps, levels):
+    return schedules_extra.get_sigmas_ays(steps, "sd1")
+
+
+@register_schedule("ays_sdxl", a1111="Align Your Steps")
+def _ays_sdxl(steps, levels):
+    return schedules_extra.get_sigmas_ays(steps, "sdxl")
+
+
 @register_schedule("ddim_uniform", a1111="DDIM", comfy="ddim_uniform")
-def _ddim_uniform(steps, levels):
-    s = schedules.get_sigmas_ddim_uniform(steps, levels.sigmas, final="alpha0" if levels.final_sigma else "zero")
-    return s
+def _ddim_uniform(steps, levels, timestep_spacing: str | None = None):
+    """diffusers' DDIM timesteps for the model's `timestep_spacing` / `steps_offset` (any step count);
+    timestep_spacing="compvis" asks for CompVis' range(0, T, T // steps) + 1, which only some step
+    counts can have (ComfyUI's ddim_uniform runs 31 steps when asked for 30)."""
+    spacing = timestep_spacing or levels.timestep_spacing
+    t = schedules.discrete_timesteps(steps, len(levels.sigmas), spacing, levels.steps_offset)
+    if len(t) != steps:
+        raise ValueError(f"ddim_uniform with CompVis spacing has {len(t)} timesteps for steps={steps} "
+                         f"(range(0, {len(levels.sigmas)}, {len(levels.sigmas) // steps}) + 1); use "
+                         f"timestep_spacing 'leading' (diffusers' DDIM) for exactly {steps}")
+    return np.concatenate([np.asarray(levels.sigmas, np.float64)[t], [levels.final_sigma]])
 
 
 __all__ = ["SamplerInfo", "SAMPLER_INFO", "SAMPLERS", "register_sampler", "register_variant", "sampler_info",

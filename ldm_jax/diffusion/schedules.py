@@ -17,7 +17,28 @@ DISCRETE_SCHEDULES = ("normal", "simple", "ddim_uniform")
 
 
 def make_betas(schedule: str, num_timesteps: int = 1000, linear_start: float = 0.00085,
-               linear_end: float = 0.012, cosine_s: float = 8e-3) -> np.ndarray:
+               linear_end: float = 0.012, cosine_s: float = 8e-3, zero_terminal_snr: bool = False) -> np.ndarray:
+    """Training betas; `zero_terminal_snr` rescales them so ᾱ_{T−1} = 0 (`rescale_zero_terminal_snr`)."""
+    betas = _make_betas(schedule, num_timesteps, linear_start, linear_end, cosine_s)
+    return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
+
+
+def rescale_zero_terminal_snr(betas) -> np.ndarray:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1):
+    shift and scale sqrt(ᾱ) so the last timestep has zero SNR and the first keeps its value (float64)."""
+    ab_sqrt = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+    first, last = ab_sqrt[0], ab_sqrt[-1]
+    ab = ((ab_sqrt - last) * (first / (first - last))) ** 2
+    return 1.0 - np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+
+
+# diffusers' σ-space schedulers (Euler, DPM-Solver, UniPC, ...) with rescale_betas_zero_snr replace
+# ᾱ_{T−1} = 0 (σ = ∞) by 2^-24 (σ = 4096): the first step starts from (almost) pure noise.
+ZERO_SNR_ALPHA_CUMPROD = 2.0 ** -24
+
+
+def _make_betas(schedule: str, num_timesteps: int, linear_start: float, linear_end: float,
+                cosine_s: float) -> np.ndarray:
     """Training betas (float64), as LDM's `make_beta_schedule` (ldm/modules/diffusionmodules/util.py).
 
     "linear"/"scaled_linear": linspace in sqrt(beta) then squared (LDM "linear" = diffusers
@@ -132,21 +153,24 @@ def sigma_to_t(sigma, log_sigmas, quantize: bool = False):
 
 
 def t_to_sigma(t, log_sigmas):
-    """Inverse of `sigma_to_t`: interpolate log σ between the training levels floor(t), ceil(t)."""
-    log_sigmas = jnp.asarray(log_sigmas)
-    t = jnp.asarray(t)
-    low_idx = jnp.floor(t).astype(jnp.int32)
-    high_idx = jnp.ceil(t).astype(jnp.int32)
+    """Inverse of `sigma_to_t`: interpolate log σ between the training levels floor(t), ceil(t)
+    (numpy in, numpy out: the host-side schedules; otherwise jnp, traceable)."""
+    xp = np if isinstance(t, np.ndarray) and isinstance(log_sigmas, np.ndarray) else jnp
+    log_sigmas = xp.asarray(log_sigmas)
+    t = xp.clip(xp.asarray(t), 0, log_sigmas.shape[0] - 1)
+    low_idx = xp.floor(t).astype(xp.int32)
+    high_idx = xp.ceil(t).astype(xp.int32)
     w = t - low_idx
-    return jnp.exp((1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx])
+    return xp.exp((1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx])
 
 
-def get_sigmas_normal(n: int, train_sigmas) -> jnp.ndarray:
-    """k-diffusion `DiscreteSchedule.get_sigmas(n)`: t = linspace(T−1, 0, n) mapped to σ, then 0."""
+def get_sigmas_normal(n: int, train_sigmas) -> np.ndarray:
+    """k-diffusion `DiscreteSchedule.get_sigmas(n)`: t = linspace(T−1, 0, n) mapped to σ, then 0
+    (ComfyUI's "normal"); numpy, in the dtype of `train_sigmas`."""
     _check_n(n)
-    log_sigmas = jnp.log(jnp.asarray(train_sigmas))
-    t = jnp.linspace(log_sigmas.shape[0] - 1, 0, n, dtype=log_sigmas.dtype)
-    return _append_zero(t_to_sigma(t, log_sigmas))
+    log_sigmas = np.log(np.asarray(train_sigmas))
+    t = np.linspace(log_sigmas.shape[0] - 1, 0, n, dtype=log_sigmas.dtype)
+    return np.append(t_to_sigma(t, log_sigmas), np.zeros(1, log_sigmas.dtype))
 
 
 def get_sigmas_simple(n: int, train_sigmas) -> np.ndarray:
@@ -157,29 +181,61 @@ def get_sigmas_simple(n: int, train_sigmas) -> np.ndarray:
     return np.asarray([s[-(1 + int(k * step))] for k in range(n)] + [0.0], dtype=s.dtype)
 
 
-def get_sigmas_ddim_uniform(n: int, train_sigmas, final: str = "zero") -> np.ndarray:
-    """LDM's uniform DDIM timesteps `range(0, T, T // n) + 1` (descending) as σ.
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "compvis")
+
+
+def discrete_timesteps(n: int, num_timesteps: int = 1000, spacing: str = "leading",
+                       steps_offset: int = 0) -> np.ndarray:
+    """The descending integer timesteps of an n-step discrete sampler.
+
+    "leading", "trailing", "linspace": diffusers' `timestep_spacing` (Lin et al. 2023, Table 2), as
+    DDIMScheduler.set_timesteps places them (`steps_offset` shifts "leading" only): exactly n of them.
+    "compvis": CompVis' `make_ddim_timesteps(..., "uniform")`, range(0, T, T // n) + 1, which has
+    more than n entries when n does not divide T (31 for n = 30), as ComfyUI's ddim_uniform.
+    """
+    _check_n(n)
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+    if n > num_timesteps:
+        raise ValueError(f"{n} steps is more than the model's {num_timesteps} training timesteps")
+    if spacing == "linspace":
+        t = np.linspace(0, num_timesteps - 1, n).round()[::-1].astype(np.int64)
+    elif spacing == "leading":
+        t = (np.arange(0, n) * (num_timesteps // n)).round()[::-1].astype(np.int64) + int(steps_offset)
+    elif spacing == "trailing":
+        # diffusers' np.arange(T, 0, -T / n) gets an extra entry (timestep -1) from float round-off for
+        # 124 of the counts 1..1000 (61, 103, ...); these are its first n
+        t = np.round(np.arange(num_timesteps, 0, -num_timesteps / n)[:n]).astype(np.int64) - 1
+    else:
+        c = max(num_timesteps // n, 1)
+        t = np.arange(0, num_timesteps, c)[::-1] + 1
+        t = t[t < num_timesteps]
+    if t.min() < 0 or t.max() >= num_timesteps:
+        raise ValueError(f"timestep_spacing {spacing!r} with steps_offset {steps_offset} puts {n} steps at "
+                         f"timesteps {t.max()}..{t.min()}, outside 0..{num_timesteps - 1} (diffusers fails "
+                         f"there too); use fewer steps or steps_offset 0")
+    return t
+
+
+def get_sigmas_ddim_uniform(n: int, train_sigmas, final: str = "zero", spacing: str = "compvis",
+                            steps_offset: int = 1) -> np.ndarray:
+    """The σ of `discrete_timesteps(n, T, spacing, steps_offset)`, then the final level.
 
     `final="zero"` appends σ=0 (ComfyUI "ddim_uniform", diffusers DDPM); `final="alpha0"` appends
     σ of ᾱ_0, the last target of CompVis DDIM/PLMS and diffusers DDIM/PNDM with
-    `set_alpha_to_one=False` (SD's setting).
+    `set_alpha_to_one=False` (SD's setting). The default spacing is CompVis' (ComfyUI's).
     """
-    _check_n(n)
-    s = np.asarray(train_sigmas)
-    c = max(len(s) // n, 1)
-    t = np.arange(0, len(s), c) + 1
-    t = t[t < len(s)]
     if final not in ("zero", "alpha0"):
         raise ValueError(f"final must be 'zero' or 'alpha0', got {final!r}")
+    s = np.asarray(train_sigmas)
+    t = discrete_timesteps(n, len(s), spacing, steps_offset)
     last = 0.0 if final == "zero" else s[0]
-    return np.concatenate([s[t[::-1]], np.asarray([last], s.dtype)])
+    return np.concatenate([s[t], np.asarray([last], s.dtype)])
 
 
 def ddim_timesteps(n: int, num_timesteps: int = 1000) -> np.ndarray:
-    """The descending integer timesteps of `get_sigmas_ddim_uniform` (for eps models called by t)."""
-    c = max(num_timesteps // n, 1)
-    t = np.arange(0, num_timesteps, c) + 1
-    return t[t < num_timesteps][::-1]
+    """The descending integer timesteps of `get_sigmas_ddim_uniform` (CompVis spacing)."""
+    return discrete_timesteps(n, num_timesteps, "compvis")
 
 
 def get_sigmas_discrete(kind: str, n: int, train_sigmas):

@@ -149,6 +149,7 @@ def load_diffusers(path: str | os.PathLike, *, prediction_type: str | None = Non
         prediction_type=scfg.get("prediction_type", "epsilon"), scale_factor=float(vcfg.get("scaling_factor", 0.18215)),
         timestep_spacing=scfg.get("timestep_spacing", "leading"), steps_offset=int(scfg.get("steps_offset", 0)),
         set_alpha_to_one=bool(scfg.get("set_alpha_to_one", True)),
+        rescale_betas_zero_snr=bool(scfg.get("rescale_betas_zero_snr", False)),
     )
     scheduler["class_name"] = scfg.get("_class_name", "PNDMScheduler")
     if scfg.get("trained_betas") is not None:
@@ -207,7 +208,8 @@ def save_diffusers(p: Pretrained, path: str | os.PathLike) -> None:
             **{k: s[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")},
             "trained_betas": s.get("trained_betas"), "set_alpha_to_one": s.get("set_alpha_to_one", False),
             "steps_offset": s.get("steps_offset", 1), "skip_prk_steps": True, "clip_sample": False,
-            "timestep_spacing": s.get("timestep_spacing", "leading")}
+            "timestep_spacing": s.get("timestep_spacing", "leading"),
+            "rescale_betas_zero_snr": s.get("rescale_betas_zero_snr", False)}
     _write_json(root / "scheduler" / "scheduler_config.json", scfg)
     index = {
         "_diffusers_version": _DIFFUSERS_VERSION, "unet": ["diffusers", ucfg["_class_name"]],

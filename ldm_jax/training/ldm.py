@@ -109,8 +109,11 @@ class LDMObjective:
             self.class_embed = ClassEmbedder(int(c.cond.num_classes), int(self.unet_kwargs["context_dim"]))
         self.tokenizer = tokenizer
         d = c.diffusion
+        if d.zero_terminal_snr and d.prediction == "eps":
+            raise ConfigError("diffusion.zero_terminal_snr=True needs diffusion.prediction='v' (or 'x0'): at zero "
+                              "SNR the eps target carries no information about the image (Lin et al. 2023, sec. 3.2)")
         betas = schedules.make_betas(d.schedule, d.num_timesteps, linear_start=d.linear_start,
-                                     linear_end=d.linear_end, cosine_s=d.cosine_s)
+                                     linear_end=d.linear_end, cosine_s=d.cosine_s, zero_terminal_snr=d.zero_terminal_snr)
         self.alphas_cumprod_np = schedules.alphas_cumprod(betas)
         self.tx, self.schedule = optim.make_optimizer(c.optim, int(c.global_batch_size))
         f = 2 ** (len(self.vae_kwargs["ch_mult"]) - 1)
@@ -248,7 +251,9 @@ class LDMObjective:
         d = self.config.diffusion
         return dict(num_train_timesteps=int(d.num_timesteps), beta_start=float(d.linear_start),
                     beta_end=float(d.linear_end), beta_schedule={"linear": "scaled_linear"}.get(d.schedule, d.schedule),
-                    prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[d.prediction])
+                    prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[d.prediction],
+                    **(dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0)
+                       if d.zero_terminal_snr else {}))
 
     # ---------------------------------------------------------------- host side
     def validate(self, mesh) -> None:
@@ -307,7 +312,7 @@ def default_ldm_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # a diffusers folder / single-file SD checkpoint whose UNet (and VAE/CLIP) start the run
     c.diffusion = dict(schedule="linear", num_timesteps=1000, linear_start=0.00085, linear_end=0.012, cosine_s=8e-3,
                        prediction="eps", loss="l2", min_snr_gamma=0.0, offset_noise=0.0, learn_logvar=False,
-                       logvar_init=0.0)
+                       logvar_init=0.0, zero_terminal_snr=False)
     c.optim = optim.default_optim_config()
     c.sample = dict(every=0, prompts=[], num=8, seed=0, sampler="euler", schedule="karras", steps=20,
                     guidance_scale=3.0)

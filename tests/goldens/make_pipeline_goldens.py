@@ -6,6 +6,8 @@ exists (a random-weight diffusers SD folder, made by make_pretrained_goldens.py)
 The scheduler is DDIM with Stable Diffusion's settings (scaled_linear 0.00085..0.012, steps_offset 1,
 set_alpha_to_one False, "leading" spacing, eta 0). The file holds the prompts, the initial latents
 (unit Gaussian, what diffusers scales by init_noise_sigma = 1), and the float images in [0, 1].
+pipeline_ddim_steps.npz: the final latents of DDIM with the folder's scheduler config for 7, 15, 30
+and 50 steps (counts that do not all divide 1000), and diffusers' timesteps for each.
 """
 import json
 import pathlib
@@ -19,6 +21,7 @@ TINY = OUT / "tiny_sd"
 PROMPTS = ["a red circle on a white background", "two small blue squares"]
 NEGATIVE = ["", "green"]
 STEPS, GUIDANCE = 4, 7.5
+STEP_COUNTS = (7, 15, 30, 50)
 
 
 def main() -> None:
@@ -43,6 +46,18 @@ def main() -> None:
     np.savez_compressed(OUT / "pipeline_ddim.npz", latents=latents.transpose(0, 2, 3, 1),
                         images=np.asarray(images, np.float32), meta=json.dumps(meta))
     print(OUT / "pipeline_ddim.npz", (OUT / "pipeline_ddim.npz").stat().st_size, "bytes;", meta)
+    # the step counts that do not divide 1000 (issue 18): the scheduler built from the folder's own
+    # config ("leading", steps_offset 1, set_alpha_to_one False), one prompt, latents only
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    out = {"latents": latents[:1].transpose(0, 2, 3, 1)}
+    for steps in STEP_COUNTS:
+        with torch.no_grad():
+            res = pipe(PROMPTS[:1], negative_prompt=NEGATIVE[:1], num_inference_steps=steps, guidance_scale=GUIDANCE,
+                       eta=0.0, latents=torch.from_numpy(latents[:1]), height=size, width=size, output_type="latent")
+        out[f"latents_{steps}"] = res.images.numpy().transpose(0, 2, 3, 1)
+        out[f"timesteps_{steps}"] = pipe.scheduler.timesteps.numpy()
+    np.savez_compressed(OUT / "pipeline_ddim_steps.npz", **out)
+    print(OUT / "pipeline_ddim_steps.npz", (OUT / "pipeline_ddim_steps.npz").stat().st_size, "bytes")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.num_threads = 2  # grain reader threads (decode + preprocess)
     c.read_buffer = 64  # examples grain reads ahead
     c.prefetch = 2  # global batches assembled ahead on device
+    # LDM training only: a folder for cached first-stage latents (ldm_jax.data.latent_cache); "" = encode every step
+    c.cache = ""
+    c.cache_chunk = 1024  # examples per cache file (the unit a resumed build skips)
 
     c.shapes = ml_collections.ConfigDict()
     c.shapes.seed = 0

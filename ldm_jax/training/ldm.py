@@ -187,10 +187,20 @@ class LDMObjective:
         z = posterior.sample(key) if self.config.first_stage.sample_posterior else posterior.mode()
         return jax.lax.stop_gradient(z.astype(jnp.float32))
 
+    def latents(self, fs_params: Any, batch: dict, key: jax.Array) -> jax.Array:
+        """Unscaled latents of the batch: from the cached posterior mean/std when the batch has them
+        (`data.cache`; the same draw mean + std·ε as `encode`), else encoded from its images."""
+        if "latent_mean" not in batch:
+            return self.encode(fs_params, batch["image"], key)
+        mean = batch["latent_mean"]
+        if not self.config.first_stage.sample_posterior or self.is_vq:
+            return mean
+        return mean + batch["latent_std"] * jax.random.normal(key, mean.shape, mean.dtype)
+
     def conditioning(self, model: Any, state: TrainState, batch: dict, key: jax.Array):
         """(context, y) for the UNet, with the condition dropped to the null one with prob `cond.drop_prob`."""
         c = self.config.cond
-        n = batch["image"].shape[0]
+        n = (batch["latent_mean"] if "latent_mean" in batch else batch["image"]).shape[0]
         drop = jax.random.bernoulli(key, c.drop_prob, (n,)) if c.drop_prob > 0 else jnp.zeros((n,), bool)
         if self.text is not None:
             ids = jnp.where(drop[:, None], state.extra["uncond_ids"][None, :], batch["input_ids"])
@@ -211,7 +221,7 @@ class LDMObjective:
         d = self.config.diffusion
         k_enc, k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 5)
         ab = jnp.asarray(self.alphas_cumprod_np, jnp.float32)
-        z0 = self.encode(state.frozen["first_stage"], batch["image"], k_enc) * state.extra["scale_factor"]
+        z0 = self.latents(state.frozen["first_stage"], batch, k_enc) * state.extra["scale_factor"]
         context, y = self.conditioning(model, state, batch, k_drop)
         t = jax.random.randint(k_t, (z0.shape[0],), 0, d.num_timesteps)
         noise = losses.sample_noise(k_noise, z0.shape, d.offset_noise)
@@ -239,7 +249,7 @@ class LDMObjective:
         if not self.config.first_stage.scale_by_std:
             return state
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 2**32 - 1)  # never a step index
-        z = self.encode(state.frozen["first_stage"], batch["image"], key)
+        z = self.latents(state.frozen["first_stage"], batch, key)
         return state.replace(extra={**state.extra, "scale_factor": 1.0 / jnp.std(z)})
 
     def export(self, state: TrainState) -> dict:
@@ -277,6 +287,10 @@ class LDMObjective:
     def make_dataset(self, mesh):
         from ldm_jax.data import make_dataset
 
+        if self.config.data.get("cache"):  # first-stage latents encoded once (training/latent_cache.py)
+            from ldm_jax.training.latent_cache import cached_dataset
+
+            return cached_dataset(self, mesh)
         return make_dataset(self.config.data, mesh=mesh, global_batch_size=int(self.config.global_batch_size),
                             tokenizer=self.tokenizer, seed=int(self.config.seed))
 

@@ -144,7 +144,7 @@ def pieces(config, which: set[str]):
     if "ema" in which:
         ema = jax.jit(lambda e, p: update_ema(e, p, jnp.float32(0.999)))
         out["ema"] = (lambda: jax.block_until_ready(ema(state.ema["model"], model)), n)
-    if "cached_step" in which and hasattr(obj, "latent_from_batch"):
+    if "cached_step" in which:
         cached = {k: v for k, v in batch.items() if k != "image"}
         cached["latent_mean"] = jnp.zeros((n, *obj.latent_shape))
         cached["latent_std"] = jnp.ones((n, *obj.latent_shape))

@@ -33,9 +33,10 @@ def test_every_sampler_module_is_in_the_catalog():
 
 def test_every_registered_sampler_has_a_golden_parity_case():
     import test_samplers_comfy
+    import test_samplers_diffusers
     import test_samplers_parity
     covered = ({n for n, _ in test_samplers_parity.CASES.values()} | {n for n, *_ in test_samplers_parity.LDM_CASES.values()}
-               | {n for n, _ in test_samplers_comfy.CASES.values()})
+               | {n for n, _ in test_samplers_comfy.CASES.values()} | {n for n, _ in test_samplers_diffusers.CASES.values()})
     assert set(sampling.SAMPLERS) - covered == set()
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from ldm_jax import sampling, sharding
+from ldm_jax import pipeline_lora, sampling, sharding
 from ldm_jax.diffusion import denoisers, schedules
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -138,6 +138,7 @@ class Pipeline:
         self.params = None if params is None else self._place(params)
         self._programs: dict[_Static, Callable] = {}
         self.trace_count = 0  # incremented each time a program is traced (tests count recompiles)
+        self.loras = pipeline_lora.PipelineLoras()  # load_lora / set_lora_scale / merge_loras
         # Image side used when generate() gets no height/width (SD1: 512; our small models: their data size).
         # Not the VAE's `resolution`: that is the CompVis training value (256 for SD's VAE), not an image size.
         self.default_size = int(default_size or 512)
@@ -244,6 +245,7 @@ class Pipeline:
         # scale: the latent scale factor is an argument, so a run's scale_by_std value never goes stale.
         def program(params, cond_ids, uncond_ids, guidance, keys, latents, sigmas, image, mask, scale):
             self.trace_count += 1  # runs at trace time only
+            params = pipeline_lora.apply(params)  # the attached LoRAs, at their (traced) scales
             keys = jax.random.wrap_key_data(keys)
             cond_ctx = uncond_ctx = None
             if self.text_encoder is not None:
@@ -298,6 +300,30 @@ class Pipeline:
         """SD-inpainting UNets see 2·C+1 input channels: x, the mask and the masked image's latents."""
         return int(self.unet.in_channels) == 2 * self.latent_channels + 1
 
+    # ------------------------------------------------------------------ LoRAs (ldm_jax/pipeline_lora.py)
+    def load_lora(self, path: str | os.PathLike, *, name: str | None = None, scale: float = 1.0) -> str:
+        """Loads a diffusers/peft or kohya LoRA file, applied at `scale` from the next call on; returns its name."""
+        return self.loras.load(self, path, name=name, scale=scale)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Changes a loaded LoRA's scale; the compiled programs are reused."""
+        self.loras.set_scale(name, scale)
+
+    def remove_lora(self, name: str) -> None:
+        self.loras.remove(name)
+
+    def merge_loras(self) -> None:
+        """Bakes the loaded LoRAs into the weights at their current scales (`unmerge_loras` restores them exactly)."""
+        self.params = self.loras.merge(self.params)
+
+    def unmerge_loras(self) -> None:
+        self.params = self.loras.unmerge()
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """{"unet", ["text"]: constructor kwargs}: what `ldm_jax.interop.lora.save/load` need for this pipeline."""
+        return {m: pipeline_lora.module_kwargs(getattr(self, a)) for m, a in pipeline_lora.MODELS.items()
+                if getattr(self, a, None) is not None}
+
     # ------------------------------------------------------------------ public API
     def generate(
         self,
@@ -334,6 +360,7 @@ class Pipeline:
         params = self._place(params) if params is not None else self.params
         if params is None:
             raise ValueError("this pipeline has no params: pass params= to generate or load weights")
+        params = self.loras.attach(params)
         if isinstance(prompts, int):
             if self.text_encoder is not None:
                 raise ValueError("this model is text-conditional: pass a list of prompts, not a count")

@@ -232,6 +232,8 @@ class LDMObjective:
         if d.min_snr_gamma > 0:
             snr = jnp.asarray(losses.snr_table(self.alphas_cumprod_np), jnp.float32)[t]
             weights = losses.min_snr_weight(snr, d.min_snr_gamma, d.prediction)
+        if "loss_weight" in batch:  # per-example weights from the data (DreamBooth's prior preservation)
+            weights = batch["loss_weight"] if weights is None else weights * batch["loss_weight"]
         return losses.diffusion_loss(out, target, t, loss_type=d.loss, logvar=model.get("logvar"), weights=weights)
 
     def train_step(self, state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, dict]:

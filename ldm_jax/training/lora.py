@@ -1,0 +1,188 @@
+"""LoRA fine-tuning: the LDM objective with its UNet (and optionally text encoder) replaced by base + adapters.
+
+The base weights (`init_from`: a diffusers folder or an SD single file) sit in `state.frozen["unet"]` /
+`["text"]` — never in the optimizer state, never donated by the step (the trainer donates `params` and
+`opt_state`; frozen arrays pass through the jitted step unchanged), optionally held in bfloat16
+(`lora.base_dtype`). The only trainable group is `params["model"] = {"lora": {"unet": adapters[, "text": ...]}}`
+in float32, with its AdamW state and its EMA. Each step applies `ldm_jax.models.lora.apply` (W + alpha/rank ·
+down @ up, weight-space dropout) inside the jitted loss and hands the adapted trees to the LDM loss, so the
+LDM objective's conditioning, noise, targets and gradient accumulation are reused as they are.
+
+Sharding: adapters carry no logical names, so they are replicated on every mesh; the frozen base keeps the
+logical shardings of the full model (fsdp / tensor), and the delta is added where each kernel lives.
+
+Exporting: `export_lora(state, path)` writes the (EMA) adapters as a diffusers/peft or kohya file that
+diffusers, ComfyUI and A1111 load (`ldm_jax.interop.lora`); checkpoint meta records the base
+(`init_from`) and the LoRA config.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ldm_jax import sharding as shd
+from ldm_jax.interop import lora as lora_io
+from ldm_jax.interop import pretrained
+from ldm_jax.models import lora
+from ldm_jax.training import ldm, ldm_io
+from ldm_jax.training.objective import ConfigError
+from ldm_jax.training.state import TrainState
+
+MODELS = ("unet", "text")
+
+
+def lora_config_of(config: ml_collections.ConfigDict) -> lora.LoraConfig:
+    """The `lora` block of a training config as a `LoraConfig` (targets: comma-separated presets/regexes)."""
+    c = config.lora
+    targets = {m: tuple(t for t in str(c.get(f"{m}_targets", "")).split(",") if t) for m in MODELS}
+    return lora.LoraConfig(rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout),
+                           targets={m: t for m, t in targets.items() if t})
+
+
+class LoraLDMObjective(ldm.LDMObjective):
+    """LDM training of low-rank adapters on a frozen base (see the module docstring)."""
+
+    name = "lora"
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any = None):
+        super().__init__(config, tokenizer)
+        self.lora = lora_config_of(config)
+        if "text" in self.lora.targets and self.text is None:
+            raise ConfigError("lora.text_targets is set but the model has no text encoder (cond.type != 'text')")
+        if config.lora.base_dtype not in ldm.DTYPES:
+            raise ConfigError(f"lora.base_dtype={config.lora.base_dtype!r}; use one of {sorted(ldm.DTYPES)}")
+        self.base_dtype = ldm.DTYPES[config.lora.base_dtype]
+        self.base = None  # a `Pretrained` read by `build` (with_base), reused by load_pretrained
+
+    @property
+    def text_trainable(self) -> bool:
+        """The LDM loss takes the text encoder from the trained tree when the text encoder has adapters."""
+        return self.text is not None and "text" in self.lora.targets
+
+    def init(self, key: jax.Array) -> dict[str, Any]:
+        k_base, k_lora = jax.random.split(key)
+        v = super().init(k_base)
+        model, frozen = dict(v["params"]["model"]), dict(v["frozen"])
+        cast = lambda t: jax.tree_util.tree_map(lambda x: x.astype(self.base_dtype), t)  # noqa: E731
+        frozen["unet"] = cast(model.pop("unet"))
+        if "text" in model:
+            frozen["text"] = cast(model.pop("text"))
+        adapters = {}
+        for i, (m, patterns) in enumerate(sorted(self.lora.targets.items())):
+            modules = lora.select_targets(frozen[m], patterns, m)
+            adapters[m] = lora.init_adapters(jax.random.fold_in(k_lora, i), frozen[m], modules, self.lora.rank)
+        model["lora"] = adapters
+        return {"params": {"model": model}, "frozen": frozen, "extra": v["extra"]}
+
+    def adapted(self, model: Any, state: TrainState, key: jax.Array | None = None) -> dict[str, Any]:
+        """The trainable tree the LDM loss expects ({"unet", ["text"], ...}) with the adapters applied."""
+        out = {k: v for k, v in model.items() if k != "lora"}
+        for i, m in enumerate(MODELS):
+            if m not in state.frozen:
+                continue
+            if m in model["lora"]:
+                sub = None if key is None else jax.random.fold_in(key, i)
+                out[m] = lora.apply(state.frozen[m], [(model["lora"][m], 1.0)], alpha=self.lora.alpha,
+                                    dropout=self.lora.dropout if key is not None else 0.0, key=sub)
+            elif m == "unet":
+                out[m] = state.frozen[m]
+        return out
+
+    def loss(self, model: Any, state: TrainState, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+        k_lora, k_ldm = jax.random.split(key)
+        return super().loss(self.adapted(model, state, k_lora), state, batch, k_ldm)
+
+    def export(self, state: TrainState) -> dict:
+        return {**super().export(state), "lora": self.lora.to_dict(), "base": str(self.config.init_from)}
+
+    def validate(self, mesh) -> None:
+        if not self.config.init_from:
+            raise ConfigError("LoRA training needs the base weights: set --config.init_from=PATH "
+                              "(a diffusers folder or an SD .safetensors file)")
+        if not pathlib.Path(self.config.init_from).exists():
+            raise ConfigError(f"init_from={self.config.init_from!r} does not exist")
+        super().validate(mesh)
+
+    def load_pretrained(self, state: TrainState, mesh) -> TrainState:
+        """First stage and text encoder as the LDM objective loads them; the UNet (and text) base into `frozen`."""
+        c = self.config
+        frozen = dict(state.frozen)
+        if str(c.first_stage.checkpoint) != "random":
+            host = ldm_io.load_first_stage(c, self.first_stage, state.frozen["first_stage"])
+            frozen["first_stage"] = shd.put_like(host, state.frozen["first_stage"])
+        path = pathlib.Path(c.init_from)
+        p = self.base or (pretrained.load_diffusers if path.is_dir() else pretrained.load_single_file)(path)
+        self.base = None  # the host copy is not needed once the weights are on the devices
+        frozen["unet"] = shd.put_like(p.unet_params, state.frozen["unet"])
+        if self.text is not None:
+            host = ldm_io.load_text_encoder(c) if c.cond.text_checkpoint else p.text_params
+            frozen["text"] = shd.put_like(host, state.frozen["text"])
+        return state.replace(frozen=frozen)
+
+    def hooks(self) -> list:
+        return []  # the LDM sample grid reads params["model"]["unet"]; sample with the exported file instead
+
+    def export_lora(self, state: TrainState, path: str | pathlib.Path, *, use_ema: bool = True,
+                    format: str = "diffusers", dtype: Any = jnp.float32) -> None:
+        """Writes the adapters (EMA when kept) as a LoRA file diffusers / ComfyUI / A1111 read."""
+        trees = state.ema if use_ema and state.ema else state.params
+        adapters = jax.device_get(trees["model"]["lora"])
+        kwargs = {"unet": self.unet_kwargs, "text": self.text_kwargs}
+        lora_io.save(path, adapters, {m: kwargs[m] for m in adapters}, format=format, alpha=self.lora.alpha,
+                     dtype=dtype, metadata={"ldm_jax_base": str(self.config.init_from)})
+
+
+def with_base(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
+    """(config with the models, schedule and files of the base `init_from`, the loaded `Pretrained`).
+
+    With `lora.kwargs_from_base` the UNet / VAE / text-encoder kwargs, the noise schedule, the prediction type
+    and the VAE scale factor come from the base; empty `first_stage.checkpoint` / `cond.text_checkpoint` become
+    `init_from` and an empty `cond.tokenizer` the folder's tokenizer/ (a single file has none: set it).
+    """
+    if not config.init_from or not config.lora.get("kwargs_from_base", True):
+        return config, None
+    path = pathlib.Path(config.init_from)
+    if not path.exists():
+        raise ConfigError(f"init_from={config.init_from!r} does not exist (a diffusers folder or an SD .safetensors)")
+    p = (pretrained.load_diffusers if path.is_dir() else pretrained.load_single_file)(path)
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.unet = dict(p.unet_kwargs)
+    c.first_stage.kwargs = dict(p.vae_kwargs)
+    c.first_stage.scale_factor = float(p.scheduler["scale_factor"])
+    c.first_stage.checkpoint = str(c.first_stage.checkpoint or path)
+    if p.text_kwargs is not None:
+        c.cond.type = "text"
+        c.cond.text = dict(p.text_kwargs)
+        c.cond.text_checkpoint = str(c.cond.text_checkpoint or path)
+        if not c.cond.tokenizer:
+            if p.tokenizer_dir is None:
+                raise ConfigError(f"{path} has no tokenizer: set --config.cond.tokenizer=FOLDER (CLIP's tokenizer)")
+            c.cond.tokenizer = p.tokenizer_dir
+    s = p.scheduler
+    if s["beta_schedule"] not in ("scaled_linear", "linear"):
+        raise ConfigError(f"the base's beta_schedule={s['beta_schedule']!r} is not supported for LoRA training")
+    c.diffusion.schedule = "linear" if s["beta_schedule"] == "scaled_linear" else "linear_plain"
+    c.diffusion.num_timesteps = int(s["num_train_timesteps"])
+    c.diffusion.linear_start, c.diffusion.linear_end = float(s["beta_start"]), float(s["beta_end"])
+    c.diffusion.prediction = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[s["prediction_type"]]
+    return c, p
+
+
+def build(config: ml_collections.ConfigDict, tokenizer: Any = None, workdir: Any = None) -> LoraLDMObjective:
+    """The LoRA objective of `config` on its base (`with_base`); tokenizer as `ldm.build` finds it."""
+    config, base = with_base(config)
+    if tokenizer is None and config.cond.type == "text" and config.cond.get("tokenizer"):
+        tokenizer = ldm_io.load_tokenizer(config, workdir)
+    objective = LoraLDMObjective(config, tokenizer)
+    objective.base = base
+    return objective
+
+
+def default_lora_block() -> ml_collections.ConfigDict:
+    """The `lora` block: rank 8, alpha 8, the UNet's attention projections, a float32 base."""
+    return ml_collections.ConfigDict(dict(rank=8, alpha=8.0, dropout=0.0, unet_targets="attn", text_targets="",
+                                          base_dtype="float32", kwargs_from_base=True))

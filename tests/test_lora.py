@@ -199,3 +199,27 @@ def test_our_lora_loads_in_diffusers(tiny, golden, goldens_dir, tmp_path):
         np.testing.assert_allclose(ours, theirs.transpose(0, 2, 3, 1), atol=UNET_TOL, err_msg=fmt)
         np.testing.assert_allclose(ours_text, theirs_text, atol=1e-4, err_msg=fmt)
         pipe.unload_lora_weights()
+
+
+def test_sharded_base_gives_the_single_device_gradients(tiny, golden):
+    """Base on a (data 1, fsdp 2, tensor 4) mesh with its logical shardings, adapters replicated (as in training)."""
+    from ldm_jax import sharding
+
+    kw = tiny.unet_kwargs
+    model = UNet(**kw)
+    x, t, ctx = (jnp.asarray(golden[k]) for k in ("x", "t", "ctx"))
+    ad = _random_adapters(tiny, jax.random.key(7), targets={"unet": ("attn", "conv")})["unet"]
+
+    def loss(a, base, x):
+        return jnp.mean(model.apply({"params": lora.apply(base, [(a, 1.0)], alpha=2.0)}, x, t, ctx) ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+    ref = grad(ad, tiny.params["unet"], x)
+    mesh = sharding.make_mesh((1, 2, 4))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, ctx))["params"]
+    base = jax.device_put(tiny.params["unet"], sharding.logical_sharding(boxed, mesh))
+    assert any(len(set(s.device_set)) > 1 and not s.is_fully_replicated
+               for s in (v.sharding for v in jax.tree.leaves(base)))
+    out = grad(jax.device_put(ad, sharding.replicated(mesh)), base, jax.device_put(x, sharding.batch_sharding(mesh, 4)))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

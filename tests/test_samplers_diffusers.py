@@ -1,6 +1,7 @@
-"""Samplers ported from diffusers' schedulers against them step by step (goldens from
-tests/goldens/make_diffusers_sampler_goldens.py) on the float64 analytic mixture: within 1e-6
-relative, with the same number of denoiser calls; float32 within 1e-4."""
+"""Samplers ported from diffusers' schedulers against them step by step, and ipndm / lcm against
+ComfyUI's (goldens from tests/goldens/make_diffusers_sampler_goldens.py), on the float64 analytic
+mixture fed the same noise by draw index: within 1e-6 relative, with the same number of denoiser
+calls; float32 within 1e-4."""
 from __future__ import annotations
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import sampling
-from samplers_common import load, mixture_denoiser, rel_err
+from samplers_common import bank_sampler, load, mixture_denoiser, rel_err
 
 G = load("samplers_diffusers.npz")
 CASES = {  # golden case -> (sampler, options); mirrors make_diffusers_sampler_goldens.CASES
@@ -22,6 +23,9 @@ CASES = {  # golden case -> (sampler, options); mirrors make_diffusers_sampler_g
     "uni_pc_bh2_o2": ("uni_pc_bh2", dict(order=2)),
     "uni_pc_bh2_o3": ("uni_pc_bh2", dict(order=3)),
     "uni_pc_bh2_o2_no_last_corrector": ("uni_pc_bh2", dict(order=2, disable_corrector=(8,))),
+    "ipndm": ("ipndm", {}),  # ComfyUI
+    "ipndm_order2": ("ipndm", dict(max_order=2)),
+    "lcm": ("lcm", {}),
 }
 
 
@@ -40,7 +44,8 @@ def _run(name, opts, x, sigmas, count=False):
             return inner(x, s)
 
     fn = sampling.SAMPLERS[name]
-    out = jax.block_until_ready(jax.jit(lambda x, s: fn(den, x, s, **opts))(x, sigmas))
+    bank = jnp.asarray(G["bank"], x.dtype)
+    out = jax.block_until_ready(jax.jit(lambda x, s: fn(den, x, s, noise_sampler=bank_sampler(bank), **opts))(x, sigmas))
     return np.asarray(out), len(calls)
 
 
@@ -55,7 +60,7 @@ def test_diffusers_parity(case):
     err = rel_err(out_vp, golden)
     print(case, "rel err", err)
     assert err < 1e-6
-    if case.endswith("_o3"):
+    if case.endswith("_o3") or case in ("ipndm", "lcm"):
         out32, _ = _run(name, opts, jnp.asarray(G["x_init"] * sigmas[0], jnp.float32), jnp.asarray(sigmas, jnp.float32))
         assert out32.dtype == np.float32 and rel_err(out32 / np.sqrt(1 + sigmas[-1] ** 2), golden) < 1e-4
 

@@ -1,8 +1,9 @@
 """Make tests/goldens/samplers_diffusers.npz: diffusers' multistep schedulers (UniPC, ...) step by
-step on the float64 Gaussian-mixture denoiser of make_sampler_goldens.py.
+step on the float64 Gaussian-mixture denoiser of make_sampler_goldens.py, and the ipndm / lcm
+cases from ComfyUI's own `sample_ipndm` / `sample_lcm` (read out of a ComfyUI checkout at run time).
 
-Needs requirements-dev.txt (torch, diffusers). Run from the repo root:
-    python3 tests/goldens/make_diffusers_sampler_goldens.py
+Needs requirements-dev.txt (torch, diffusers) and ComfyUI. Run from the repo root:
+    python3 tests/goldens/make_diffusers_sampler_goldens.py [/path/to/ComfyUI[.git]]
 Each scheduler is set up for the same Karras schedule as the k-diffusion goldens: after
 set_timesteps its `sigmas` are replaced by that schedule (float64) and its `timesteps` by distinct
 labels; the model is the mixture's data prediction (prediction_type "sample") at the VE point
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from make_sampler_goldens import K, MEANS, STDS, WEIGHTS, X_INIT, mixture_denoiser  # noqa: E402
+from make_sampler_goldens import BANK, K, MEANS, STDS, WEIGHTS, X_INIT, Bank, Counted, mixture_denoiser  # noqa: E402
+from make_schedule_goldens import pick, read  # noqa: E402
 
 torch.set_default_dtype(torch.float64)
 OUT = pathlib.Path(__file__).parent
@@ -63,6 +65,31 @@ def run(cls_name: str, config: dict, sigmas: torch.Tensor):
     return x.numpy(), calls
 
 
+COMFY_CASES = {"ipndm": ("ipndm", {}), "ipndm_order2": ("ipndm", dict(max_order=2)), "lcm": ("lcm", {})}
+
+
+def run_comfy(src: pathlib.Path, sigmas: torch.Tensor):
+    """ComfyUI's sample_ipndm / sample_lcm on the mixture, noise from the bank by draw index."""
+    import tqdm
+
+    ns = pick(read(src, "comfy/k_diffusion/sampling.py"), {"sample_ipndm", "sample_lcm"},
+              {"torch": torch, "trange": lambda n, disable=None: tqdm.trange(n, disable=True)})
+    out = {}
+    for case, (name, opts) in COMFY_CASES.items():
+        model = Counted(mixture_denoiser)
+        # ModelSamplingDiscrete (EPS).noise_scaling: sigma * noise + latent
+        model.inner_model = type("M", (), {"inner_model": type("N", (), {"model_sampling": type("S", (), {
+            "noise_scaling": staticmethod(lambda sigma, noise, latent: sigma * noise + latent)})})})
+        bank = Bank(BANK)
+        kw = dict(opts, disable=True)
+        if name == "lcm":
+            kw["noise_sampler"] = lambda s, sn: bank.next()
+        x = ns[f"sample_{name}"](model, torch.from_numpy(X_INIT) * sigmas[0], sigmas, **kw)
+        out[f"{case}/out"], out[f"{case}/nfe"], out[f"{case}/sigmas"] = x.numpy(), np.int64(model.calls), sigmas.numpy()
+        print(f"{case:34s} nfe={model.calls} draws={bank.i} |x|={np.abs(x.numpy()).max():.4f}")
+    return out
+
+
 def main():
     to_zero = K.get_sigmas_karras(STEPS, 0.03, 15.0)
     to_positive = K.get_sigmas_karras(STEPS + 1, 0.03, 15.0)[:-1]
@@ -72,7 +99,11 @@ def main():
         x, calls = run(cls_name, config, sigmas)
         out[f"{case}/out"], out[f"{case}/nfe"], out[f"{case}/sigmas"] = x, np.int64(calls), sigmas.numpy()
         print(f"{case:34s} nfe={calls} |x|={np.abs(x).max():.4f}")
-    out["cases"] = np.asarray(list(CASES))
+    src = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "/work/.mirror/Comfy-Org+ComfyUI/repo")
+    comfy = run_comfy(src, to_zero)
+    out.update(comfy)
+    out["bank"] = BANK[:12]
+    out["cases"] = np.asarray(list(CASES) + list(COMFY_CASES))
     path = OUT / "samplers_diffusers.npz"
     np.savez_compressed(path, **out)
     print(path, path.stat().st_size, "bytes")

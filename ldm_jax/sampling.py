@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Callable
 
 # The sampler modules register themselves on import (ldm_jax/diffusion/registry.py says how to add one).
-from ldm_jax.diffusion import (samplers, samplers_cfgpp, samplers_comfy, samplers_dpm_solver,  # noqa: F401
+from ldm_jax.diffusion import (samplers, samplers_cfgpp, samplers_comfy, samplers_deis,  # noqa: F401
+                                samplers_dpm_solver,
                                 samplers_ipndm_lcm, samplers_ldm, samplers_sa_solver, samplers_unipc)
 from ldm_jax.diffusion.brownian import BrownianTree, BrownianTreeNoiseSampler, key_noise_sampler
 from ldm_jax.diffusion.denoisers import CFGDenoiser, DiscreteDenoiser, EDMDenoiser, discrete_denoiser

@@ -23,6 +23,10 @@ CASES = {  # golden case -> (sampler, options); mirrors make_diffusers_sampler_g
     "uni_pc_bh2_o2": ("uni_pc_bh2", dict(order=2)),
     "uni_pc_bh2_o3": ("uni_pc_bh2", dict(order=3)),
     "uni_pc_bh2_o2_no_last_corrector": ("uni_pc_bh2", dict(order=2, disable_corrector=(8,))),
+    "deis_o1": ("deis", dict(order=1)),
+    "deis_o2": ("deis", dict(order=2)),
+    "deis_o3": ("deis", dict(order=3)),
+    "deis_o3_16": ("deis", dict(order=3)),  # 16 steps: diffusers keeps order 3 to the end
     "ipndm": ("ipndm", {}),  # ComfyUI
     "ipndm_order2": ("ipndm", dict(max_order=2)),
     "lcm": ("lcm", {}),
@@ -74,3 +78,17 @@ def test_corrector_options_checked_and_effective():
         sampling.sample_uni_pc(mixture_denoiser(G["means"], G["stds"], G["weights"]), x, sig, disable_corrector=(10,))
     # the corrector changes the result (the goldens differ, and so do we)
     assert rel_err(G["uni_pc_o3/out"], G["uni_pc_o3_no_corrector/out"]) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["deis", "uni_pc"])
+def test_step_to_sigma_zero_is_the_limit(name):
+    """Where diffusers' formulas give NaN (0·∞ on a step to σ = 0) ours take the limit: the sample
+    with a last σ of 0 is finite and next to the one whose last σ is 1e-5."""
+    sig = np.asarray(G["uni_pc_bh2_o3/sigmas"])  # ends at 0
+    den = mixture_denoiser(G["means"], G["stds"], G["weights"])
+    with jax.enable_x64(True):
+        x = jnp.asarray(G["x_init"] * sig[0])
+        run = jax.jit(lambda x, s: sampling.SAMPLERS[name](den, x, s))
+        at_zero, near_zero = np.asarray(run(x, sig)), np.asarray(run(x, np.append(sig[:-1], 1e-5)))
+    assert np.all(np.isfinite(at_zero))
+    assert rel_err(at_zero, near_zero) < 1e-4

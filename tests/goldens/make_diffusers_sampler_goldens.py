@@ -9,7 +9,8 @@ set_timesteps its `sigmas` are replaced by that schedule (float64) and its `time
 labels; the model is the mixture's data prediction (prediction_type "sample") at the VE point
 x_vp·sqrt(1 + σ²), and the result is at σ = 0 where VP and VE coincide.
 UniPC with solver_type "bh1" returns NaN on a step to σ = 0 (B(h) = −h = −∞ times a zero
-correction in its order-1 update), so its cases run a schedule that ends at σ_min > 0
+correction in its order-1 update), and so does DEIS (σ_t·(e^h − 1) = 0·∞), so their cases run a
+schedule that ends at σ_min > 0
 (`{case}/sigmas`, the VP result x_vp = x_σ / sqrt(1 + σ_min²)); ours takes the limit there.
 """
 from __future__ import annotations
@@ -44,16 +45,21 @@ CASES = {  # case -> (our sampler, our options, diffusers class, its config)
     "uni_pc_bh2_o2_no_last_corrector": ("uni_pc_bh2", dict(order=2, disable_corrector=(STEPS - 2,)),
                                         "UniPCMultistepScheduler",
                                         dict(solver_order=2, solver_type="bh2", disable_corrector=[STEPS - 2])),
+    "deis_o1": ("deis", dict(order=1), "DEISMultistepScheduler", dict(solver_order=1)),
+    "deis_o2": ("deis", dict(order=2), "DEISMultistepScheduler", dict(solver_order=2)),
+    "deis_o3": ("deis", dict(order=3), "DEISMultistepScheduler", dict(solver_order=3)),
+    "deis_o3_16": ("deis", dict(order=3), "DEISMultistepScheduler", dict(solver_order=3)),  # no lower_order_final
 }
 
 
 def run(cls_name: str, config: dict, sigmas: torch.Tensor):
     import diffusers
 
+    steps = len(sigmas) - 1
     sch = getattr(diffusers, cls_name)(prediction_type="sample", **config)
-    sch.set_timesteps(STEPS)
+    sch.set_timesteps(steps)
     sch.sigmas = sigmas.clone()
-    sch.timesteps = torch.arange(STEPS, 0, -1)
+    sch.timesteps = torch.arange(steps, 0, -1)
     x = torch.from_numpy(X_INIT) * sigmas[0] / (1 + sigmas[0] ** 2) ** 0.5  # VP noise at σ_0
     calls = 0
     for i, t in enumerate(sch.timesteps):
@@ -95,7 +101,12 @@ def main():
     to_positive = K.get_sigmas_karras(STEPS + 1, 0.03, 15.0)[:-1]
     out = dict(means=MEANS, stds=STDS, weights=WEIGHTS, x_init=X_INIT)
     for case, (_, _, cls_name, config) in CASES.items():
-        sigmas = to_positive if config.get("solver_type") == "bh1" else to_zero
+        if case == "deis_o3_16":
+            sigmas = K.get_sigmas_karras(17, 0.03, 15.0)[:-1]
+        elif config.get("solver_type") == "bh1" or cls_name.startswith("DEIS"):
+            sigmas = to_positive  # diffusers' bh1 and DEIS give NaN on a step to σ = 0
+        else:
+            sigmas = to_zero
         x, calls = run(cls_name, config, sigmas)
         out[f"{case}/out"], out[f"{case}/nfe"], out[f"{case}/sigmas"] = x, np.int64(calls), sigmas.numpy()
         print(f"{case:34s} nfe={calls} |x|={np.abs(x).max():.4f}")

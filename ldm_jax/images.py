@@ -22,12 +22,15 @@ def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.
     return grid
 
 
-def save_png(path: str | pathlib.Path, image: np.ndarray, params: dict[str, Any] | None = None) -> None:
-    """Writes a uint8 (H, W, 3) image as PNG with `params` in its text chunk ("parameters" + "ldm_jax" JSON)."""
+def save_png(path: str | pathlib.Path, image: np.ndarray, params: dict[str, Any] | None = None,
+             infotext: str | None = None) -> None:
+    """Writes a uint8 (H, W, 3) image as PNG with `params` in its text chunk ("parameters" + "ldm_jax" JSON);
+    `infotext` replaces the "parameters" line (e.g. A1111's format, `sampling.a1111_infotext`)."""
     from PIL import Image, PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
+    if params or infotext:
+        info.add_text("parameters", infotext or ", ".join(f"{k}: {v}" for k, v in params.items()))
     if params:
-        info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in params.items()))
         info.add_text("ldm_jax", json.dumps(params))
     Image.fromarray(np.asarray(image, np.uint8)).save(str(path), pnginfo=info)

@@ -7,7 +7,8 @@
     python -m ldm_jax.sample --pretrained=... --prompt=... --init_image=in.png --mask=mask.png          # inpaint
 
 Writes OUT/000000.png ... (one per image) and OUT/grid.png. Each PNG carries the generation parameters
-in its text chunk: "parameters" (one readable line) and "ldm_jax" (JSON).
+in its text chunk: "parameters" (A1111's format: prompt, negative prompt, "Steps: …, Sampler: DPM++ 2M,
+Schedule type: Karras, …") and "ldm_jax" (JSON, with the A1111 and ComfyUI names of sampler and schedule).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from ldm_jax import cli
+from ldm_jax import cli, sampling
 from ldm_jax.images import image_grid, save_png
 
 
@@ -40,8 +41,8 @@ def _define_flags() -> None:
     flags.DEFINE_multi_string("prompt", None, "Prompt; repeat the flag for several prompts (cycled over --num_images).")
     flags.DEFINE_string("negative_prompt", "", "Negative prompt (the unconditional half of guidance).")
     flags.DEFINE_integer("num_images", 4, "How many images to write.")
-    flags.DEFINE_string("sampler", "dpmpp_2m", "Sampler name (ldm_jax.sampling.SAMPLERS).")
-    flags.DEFINE_string("schedule", "karras", "Sigma schedule: karras, exponential, polyexponential, normal, simple, ddim_uniform.")
+    flags.DEFINE_string("sampler", "dpmpp_2m", f"Sampler: {', '.join(sampling.SAMPLERS)}.")
+    flags.DEFINE_string("schedule", "karras", f"Sigma schedule: {', '.join(sampling.SCHEDULES)}.")
     flags.DEFINE_integer("steps", 25, "Sampler steps.")
     flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -66,6 +67,10 @@ def run(argv_flags=None) -> list[pathlib.Path]:
         raise app.UsageError("--num_images must be >= 1")
     if f.mask and not f.init_image:
         raise app.UsageError("--mask needs --init_image")
+    try:  # unknown names fail before the model loads, with the lists
+        names = sampling.display_names(f.sampler, f.schedule)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     if pathlib.Path(f.out).exists() and not pathlib.Path(f.out).is_dir():
         raise app.UsageError(f"--out={f.out} is a file, not a folder")
     image = _read_image(f.init_image) if f.init_image else None  # bad files fail before the model loads
@@ -83,7 +88,7 @@ def run(argv_flags=None) -> list[pathlib.Path]:
                   batch_size=f.batch_size, progress=True)
     params: dict[str, Any] = dict(sampler=f.sampler, schedule=f.schedule, steps=f.steps,
                                   guidance_scale=f.guidance_scale, seed=f.seed,
-                                  model=f.workdir or f.pretrained)
+                                  model=f.workdir or f.pretrained, **names)
     if image is not None:
         kwargs.update(height=image.shape[0], width=image.shape[1])
         if mask is not None:
@@ -104,7 +109,11 @@ def run(argv_flags=None) -> list[pathlib.Path]:
         if pipe.text_encoder is not None:
             meta.update(prompt=prompts[i], negative_prompt=f.negative_prompt)
         paths.append(out / f"{i:06d}.png")
-        save_png(paths[-1], img, meta)
+        infotext = sampling.a1111_infotext(
+            prompt=meta.get("prompt"), negative_prompt=f.negative_prompt, steps=f.steps, sampler=f.sampler,
+            schedule=f.schedule, guidance_scale=f.guidance_scale, seed=f.seed, width=img.shape[1],
+            height=img.shape[0], model=pathlib.Path(f.workdir or f.pretrained).name)
+        save_png(paths[-1], img, meta, infotext)
     grid_meta = dict(params, prompts=list(prompts) if pipe.text_encoder is not None else None, n=n)
     paths.append(out / "grid.png")
     save_png(paths[-1], image_grid(images), grid_meta)

@@ -22,7 +22,8 @@ from ldm_jax.diffusion import (samplers, samplers_cfgpp, samplers_comfy, sampler
 from ldm_jax.diffusion.brownian import BrownianTree, BrownianTreeNoiseSampler, key_noise_sampler
 from ldm_jax.diffusion.denoisers import CFGDenoiser, DiscreteDenoiser, EDMDenoiser, discrete_denoiser
 from ldm_jax.diffusion.registry import (SAMPLER_INFO, SAMPLERS, SCHEDULE_INFO, NoiseLevels, SamplerInfo,
-                                        ScheduleInfo, sampler_info, sampler_levels, schedule_sigmas)
+                                        ScheduleInfo, a1111_infotext, display_names, sampler_info, sampler_levels,
+                                        schedule_sigmas)
 from ldm_jax.diffusion.sampler_core import get_ancestral_step, to_d
 from ldm_jax.diffusion.schedules import (get_sigmas_ddim_uniform, get_sigmas_discrete, get_sigmas_exponential,
                                          get_sigmas_karras, get_sigmas_normal, get_sigmas_polyexponential,
@@ -46,7 +47,7 @@ def sample(name: str, denoiser, x, sigmas, **kwargs):
 
 __all__ = [
     "SAMPLERS", "SAMPLER_INFO", "SCHEDULES", "SCHEDULE_INFO", "SamplerInfo", "ScheduleInfo", "NoiseLevels",
-    "get_sampler", "sampler_info", "sample", "schedule_sigmas", "sampler_levels", "BrownianTree",
+    "get_sampler", "sampler_info", "sample", "schedule_sigmas", "sampler_levels", "display_names", "a1111_infotext", "BrownianTree",
     "BrownianTreeNoiseSampler", "key_noise_sampler", "CFGDenoiser", "DiscreteDenoiser", "EDMDenoiser",
     "discrete_denoiser", "get_ancestral_step", "to_d", "get_sigmas_karras", "get_sigmas_exponential",
     "get_sigmas_polyexponential", "get_sigmas_vp", "get_sigmas_normal", "get_sigmas_simple",

@@ -34,7 +34,11 @@ def test_sample_cli_writes_pngs_with_parameters(tmp_path, goldens_dir):
         meta = json.loads(img.text["ldm_jax"])
         assert (meta["sampler"], meta["steps"], meta["seed"], meta["guidance_scale"]) == ("euler", 2, 11, 5.0)
         assert meta["negative_prompt"] == "green" and meta["index"] == i
-        assert "prompt: " in img.text["parameters"]
+        # "parameters" is A1111's infotext (its PNG Info tab reads it); the JSON has both front ends' names
+        lines = img.text["parameters"].splitlines()
+        assert lines[:2] == [meta["prompt"], "Negative prompt: green"]
+        assert lines[2].startswith("Steps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 5, Seed: 11, Size: 32x32")
+        assert (meta["a1111_sampler"], meta["comfy_sampler"], meta["comfy_scheduler"]) == ("Euler", "euler", "karras")
         prompts.append(meta["prompt"])
         images.append(np.asarray(img))
         assert images[-1].shape == (32, 32, 3)  # the model's default size (unet sample_size 8 x f4)

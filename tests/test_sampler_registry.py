@@ -119,3 +119,16 @@ def test_sampler_levels_end_where_the_references_do():
     euler = sampling.schedule_sigmas("ddim_uniform", 10, sampling.sampler_levels(TRAIN, "euler"))
     np.testing.assert_array_equal(ddim[:-1], euler[:-1])
     assert ddim[-1] == TRAIN[0] and euler[-1] == 0.0
+
+
+def test_front_end_names():
+    assert sampling.display_names("dpmpp_2m_sde_heun", "ays_sdxl") == {
+        "a1111_sampler": "DPM++ 2M SDE Heun", "a1111_schedule": "Align Your Steps",
+        "comfy_sampler": "dpmpp_2m_sde_heun", "comfy_scheduler": None}
+    assert sampling.display_names("uni_pc_bh2", "sgm_uniform")["a1111_sampler"] == "uni_pc_bh2"  # none in A1111
+    text = sampling.a1111_infotext(prompt="a cat", negative_prompt="dog", steps=30, sampler="euler_ancestral",
+                                   schedule="karras", guidance_scale=7.0, seed=5, width=512, height=768, model="sd15")
+    assert text == ("a cat\nNegative prompt: dog\nSteps: 30, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, "
+                    "Seed: 5, Size: 512x768, Model: sd15")
+    with pytest.raises(ValueError, match="unknown schedule 'kar'"):
+        sampling.display_names("euler", "kar")

@@ -258,6 +258,31 @@ def _ddim_uniform(steps, levels, timestep_spacing: str | None = None):
     return np.concatenate([np.asarray(levels.sigmas, np.float64)[t], [levels.final_sigma]])
 
 
-__all__ = ["SamplerInfo", "SAMPLER_INFO", "SAMPLERS", "register_sampler", "register_variant", "sampler_info",
+def display_names(sampler: str, schedule: str) -> dict[str, str | None]:
+    """The sampler's and schedule's names in A1111 ("Sampler" / "Schedule type") and ComfyUI
+    ("sampler_name" / "scheduler") spelling; ours where A1111 has none, None where ComfyUI has none."""
+    info = sampler_info(sampler)
+    if schedule not in SCHEDULE_INFO:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULE_INFO)}")
+    sched = SCHEDULE_INFO[schedule]
+    return {"a1111_sampler": info.a1111 or sampler, "a1111_schedule": sched.a1111 or schedule,
+            "comfy_sampler": info.comfy, "comfy_scheduler": sched.comfy}
+
+
+def a1111_infotext(*, prompt: str | None, negative_prompt: str, steps: int, sampler: str, schedule: str,
+                   guidance_scale: float, seed: int, width: int, height: int, model: str | None = None) -> str:
+    """A1111's "parameters" text (what its PNG Info tab and ComfyUI's A1111 importers read)."""
+    names = display_names(sampler, schedule)
+    lines = [] if prompt is None else [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    fields = [f"Steps: {steps}", f"Sampler: {names['a1111_sampler']}", f"Schedule type: {names['a1111_schedule']}",
+              f"CFG scale: {guidance_scale:g}", f"Seed: {seed}", f"Size: {width}x{height}"]
+    if model:
+        fields.append(f"Model: {model}")
+    return "\n".join(lines + [", ".join(fields)])
+
+
+__all__ = ["display_names", "a1111_infotext", "SamplerInfo", "SAMPLER_INFO", "SAMPLERS", "register_sampler", "register_variant", "sampler_info",
            "NoiseLevels", "ScheduleInfo", "SCHEDULE_INFO", "register_schedule", "schedule_sigmas",
            "sampler_levels", "SPACES", "NOISE_KINDS"]

@@ -27,8 +27,22 @@ import numpy as np  # noqa: E402
 from ldm_jax import sampling  # noqa: E402
 from ldm_jax.diffusion import denoisers, schedules  # noqa: E402
 
-NFE = {"euler": lambda n: n, "dpmpp_2m": lambda n: n, "heun": lambda n: 2 * n - 1,
-       "dpmpp_2m_sde": lambda n: n, "dpmpp_sde": lambda n: 2 * n - 1, "lms": lambda n: n}
+
+
+def count_nfe(name: str, sigmas) -> int:
+    """Denoiser calls of sampler `name` on `sigmas` (counted on a cheap stand-in: they do not depend
+    on the model)."""
+    calls = []
+
+    def den(x, s):
+        jax.debug.callback(lambda: calls.append(1), ordered=True)
+        return x * 0.5
+
+    x = jnp.ones((1, 4))
+    opts = {"tau_interval": (10.0, 0.1)} if name.startswith("sa_solver") else {}
+    jax.block_until_ready(jax.jit(lambda x: sampling.SAMPLERS[name](den, x, sigmas, key=jax.random.key(0),
+                                                                     **opts))(x))
+    return len(calls)
 
 
 def build(preset: str, batch: int, size: int):
@@ -67,7 +81,8 @@ def main():
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--samplers", default="euler,dpmpp_2m,heun,dpmpp_2m_sde")
+    ap.add_argument("--samplers", default="euler,dpmpp_2m,heun,dpmpp_2m_sde,uni_pc,uni_pc_bh2,deis,ipndm,lcm",
+                    help=f"comma-separated, from: {','.join(sampling.SAMPLERS)} (CFG++ ones need a guided model)")
     ap.add_argument("--skip-compile", action="store_true", help="do not time compilation")
     args = ap.parse_args()
 
@@ -99,7 +114,7 @@ def main():
             t = time.perf_counter()
             run.lower(params, x, sig[n], jax.random.key(0)).compile()
             compile_s[n] = time.perf_counter() - t
-        nfe = NFE[name](args.steps)
+        nfe = count_nfe(name, sig[args.steps])
         sample = lambda: run(params, x, sig[args.steps], jax.random.key(0))  # noqa: E731
         jax.block_until_ready(sample())
         # alternate the two measurements so that both see the same load; ratio of the fastest runs

@@ -2,7 +2,7 @@
 
     python3 bench/bench_accum.py [--devices 8] [--accum 4] [--per-device 1] [--steps 5] [--reps 3] [--arg test]
 
-The LDM train step of configs/ldm_tiny.py:<arg> (loop.jit_train_step: jit, donated state, EMA) on a
+The LDM train step of configs/ldm_tiny.py:<arg> (trainer.jit_train_step: jit, donated state, EMA) on a
 (data=devices, 1, 1) mesh of fake CPU devices, grad_accum micro-batches of per-device samples per device.
 "scan" = optim.accum_shard_map=False (the all-reduce of all gradients runs inside the loop, once per
 micro-batch), "shard_map" = the default (one all-reduce after the loop). Both are traced under
@@ -38,8 +38,8 @@ def main() -> None:
     import jax
 
     from ldm_jax import sharding as shd
-    from ldm_jax.training import ldm, loop
-    from ldm_jax.training import state as st
+    from ldm_jax.training import ldm
+    from ldm_jax.training import trainer as tr
     from training_utils import batches, host, max_diff, tiny_config
 
     from test_accumulate_shard_map import collectives  # the HLO reader of the test
@@ -51,14 +51,14 @@ def main() -> None:
         config = tiny_config(a.arg, **{"optim.grad_accum": a.accum, "global_batch_size": batch,
                                        "optim.accum_shard_map": on})
         objective = ldm.build(config)
-        abstract, sh = st.state_shardings(objective, mesh, config.seed)
-        state = st.create_state(objective, mesh, config.seed)
+        abstract, sh = tr.state_shardings(objective, mesh, config.seed)
+        state = tr.create_state(objective, mesh, config.seed)
         data = batches(config, mesh)
         b = next(data)
-        step = loop.jit_train_step(objective, config, mesh, sh, b)
+        step = tr.jit_train_step(objective, config, mesh, sh, b)
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):
-            compiled = step.lower(state, b, loop.step_key(state.rng, 0)).compile()
+            compiled = step.lower(state, b, tr.step_key(state.rng, 0)).compile()
         compile_s = time.perf_counter() - t0
         c = collectives(compiled.as_text())
         count = lambda where: {op: [o for o, _ in c[where]].count(op) for op, _ in c[where]}  # noqa: E731
@@ -69,12 +69,12 @@ def main() -> None:
     for _ in range(a.reps):
         for name, r in runs.items():
             state = r["state"]
-            state, m = r["compiled"](state, r["batch"], loop.step_key(state.rng, 0))  # warm-up
+            state, m = r["compiled"](state, r["batch"], tr.step_key(state.rng, 0))  # warm-up
             jax.block_until_ready(state)
             first.setdefault(name, (float(m["loss"]), host(state.params)))
             t0 = time.perf_counter()
             for i in range(a.steps):
-                state, m = r["compiled"](state, r["batch"], loop.step_key(state.rng, i + 1))
+                state, m = r["compiled"](state, r["batch"], tr.step_key(state.rng, i + 1))
             jax.block_until_ready(state)
             r["times"].append((time.perf_counter() - t0) / a.steps)
             r["state"] = state

@@ -13,12 +13,18 @@ import pathlib
 import sys
 
 import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from ldm_jax import evaluation, sharding
+from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.data.builders import DataError
+from ldm_jax.training import loop, registry
+from ldm_jax.training.objective import ConfigError
 
 
 def first_stage_done(workdir: pathlib.Path, num_steps: int) -> bool:
     """Whether an autoencoder workdir holds a complete checkpoint at its final step."""
-    from ldm_jax.checkpoint import Checkpointer
-
     if not (workdir / "checkpoints").is_dir():
         return False
     ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
@@ -28,10 +34,14 @@ def first_stage_done(workdir: pathlib.Path, num_steps: int) -> bool:
         ckpt.close()
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> object:
-    """Runs (or resumes) the whole job of `config` in `workdir`; returns the final stage's TrainResult."""
-    from ldm_jax.training import loop
+def train_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.TrainResult:
+    """One training run: the objective named by the config, with its own hooks, in `workdir`."""
+    objective = registry.make_objective(config, workdir)
+    return loop.train(config, workdir, objective, hooks=objective.hooks())
 
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.TrainResult:
+    """Runs (or resumes) the whole job of `config` in `workdir`; returns the final stage's TrainResult."""
     workdir = pathlib.Path(workdir)
     fs_cfg = config.get("first_stage_train")
     if fs_cfg is not None:
@@ -40,33 +50,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> objec
             logging.info("first stage already trained in %s; skipping to the LDM stage", fs_dir)
         else:
             logging.info("stage 1/2: training the first stage in %s", fs_dir)
-            loop.train(fs_cfg, fs_dir)
+            train_stage(fs_cfg, fs_dir)
         with config.unlocked():
             config.first_stage.checkpoint = str(fs_dir)
         logging.info("stage 2/2: training the latent diffusion model in %s", workdir)
-    result = loop.train(config, workdir)
+    result = train_stage(config, workdir)
     if config.get("final_eval") is not None:  # e.g. configs/shapes.py: score held-out prompts -> WORKDIR/eval.json
-        from ldm_jax import evaluation
-
         evaluation.run_final_eval(config, workdir)
     return result
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
-
     del argv
-    from ldm_jax import sharding
-    from ldm_jax.training.objective import ConfigError
-
     if flags.FLAGS.verbosity <= 0:
         # Orbax and tfds log every checkpoint file operation at INFO through absl; ours stay (--verbosity=1: all).
         logging.getLogger("absl").setLevel(logging.WARNING)
     sharding.initialize_distributed()
     cfg = flags.FLAGS.config
-    from ldm_jax.data.builders import DataError
-
     try:
         run(cfg, flags.FLAGS.workdir)
     except (ConfigError, DataError) as e:
@@ -75,17 +75,12 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG]", lock_config=True)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, TensorBoard logs and samples")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 if __name__ == "__main__":
-    from absl import app
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     _define_flags()
     try:

@@ -15,6 +15,7 @@ from ldm_jax import sharding as shd
 from ldm_jax.checkpoint import Checkpointer, abstract_with_shardings
 from ldm_jax.training import ldm, loop
 from ldm_jax.training import state as st
+from ldm_jax.training import trainer as tr
 from training_utils import batches, host, max_diff, shared_objective, tiny_config
 
 HERE = pathlib.Path(__file__).parent
@@ -57,7 +58,7 @@ def test_keep_policy_and_meta(setup):
 def test_restore_onto_other_meshes(setup, tmp_path):
     config, objective, _, full_dir, full = setup
     ref = host(full.state)
-    abstract, sh8 = st.state_shardings(objective, shd.make_mesh((4, 2, 1)), config.seed)
+    abstract, sh8 = tr.state_shardings(objective, shd.make_mesh((4, 2, 1)), config.seed)
     ckpt = Checkpointer(full_dir / "checkpoints")
     state8, data_state, _ = ckpt.restore(None, abstract_with_shardings(abstract, sh8))
     ckpt.close()
@@ -68,7 +69,7 @@ def test_restore_onto_other_meshes(setup, tmp_path):
     out = Checkpointer(tmp_path / "ck8", async_save=False)  # 8 devices -> disk -> 1 device
     out.save(6, state8, data_state, {})
     out.wait()
-    _, sh1 = st.state_shardings(objective, shd.make_mesh((1, 1, 1), jax.devices()[:1]), config.seed)
+    _, sh1 = tr.state_shardings(objective, shd.make_mesh((1, 1, 1), jax.devices()[:1]), config.seed)
     state1, _, _ = out.restore(6, abstract_with_shardings(abstract, sh1))
     out.close()
     assert max_diff(host(state1), ref) == 0.0
@@ -138,7 +139,7 @@ def test_sigterm_saves_and_kill9_resumes(setup, tmp_path):
     c = Checkpointer(ck)
     latest = c.latest_step()
     assert latest is not None and latest >= step - 2
-    abstract, sh = st.state_shardings(objective, shd.make_mesh((1, 1, 1), jax.devices()[:1]), config.seed)
+    abstract, sh = tr.state_shardings(objective, shd.make_mesh((1, 1, 1), jax.devices()[:1]), config.seed)
     state, data_state, meta = c.restore(latest, abstract_with_shardings(abstract, sh))
     c.close()
     assert int(state.step) == latest == meta["step"] and data_state == {"index": latest}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ldm_jax import sharding as shd
-from ldm_jax.training import loop
-from ldm_jax.training import state as st
+from ldm_jax.training import registry
+from ldm_jax.training import trainer as tr
 from training_utils import load_config
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -31,8 +31,8 @@ def _abstract_state(name, arg, first_stage=False):
     config = load_config(name, arg)
     if first_stage:
         config = config.first_stage_train
-    objective = loop.make_objective(config)
-    abstract, shardings = st.state_shardings(objective, shd.make_mesh((-1, 1, 1)), int(config.seed))
+    objective = registry.make_objective(config)
+    abstract, shardings = tr.state_shardings(objective, shd.make_mesh((-1, 1, 1)), int(config.seed))
     return objective, abstract, shardings
 
 
@@ -54,7 +54,7 @@ def test_config_builds(name, arg):
 def test_config_variant_builds(name, arg):
     config = load_config(name, arg)
     assert config.is_locked
-    loop.make_objective(config)
+    registry.make_objective(config)
 
 
 def test_ldm_f8_is_stable_diffusion_v1():

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from ldm_jax import sharding as shd
-from ldm_jax.training.loop import make_objective, train
-from ldm_jax.training.state import create_state
+from ldm_jax.training.loop import train
+from ldm_jax.training.registry import make_objective
+from ldm_jax.training.trainer import create_state
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 
@@ -45,8 +46,7 @@ def test_gan_step_on_8_devices_matches_independent_gradients():
     the combined AE gradient (read back through Adam's first step) and the discriminator loss, recomputed here."""
     from ldm_jax.models.discriminator import hinge_d_loss
     from ldm_jax.training.autoencoder import LAST_LAYER, reconstruction_nll
-    from ldm_jax.training.loop import jit_train_step
-    from ldm_jax.training.state import state_shardings
+    from ldm_jax.training.trainer import jit_train_step, state_shardings
 
     c = get_config("autoencoder_shapes", "test")
     with c.unlocked():

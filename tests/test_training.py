@@ -11,6 +11,7 @@ from ldm_jax import sharding as shd
 from ldm_jax.diffusion import losses
 from ldm_jax.training import ldm, loop, optim
 from ldm_jax.training import state as st
+from ldm_jax.training import trainer as tr
 from ldm_jax.training.objective import ConfigError
 from training_utils import batches, host, max_diff, shared_objective, tiny_config
 
@@ -127,20 +128,20 @@ def tiny():
     config = tiny_config("test")
     objective = shared_objective("test")
     mesh1 = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-    state = st.create_state(objective, mesh1, config.seed)
+    state = tr.create_state(objective, mesh1, config.seed)
     data = batches(config, mesh1)
     state = jax.jit(objective.prepare)(state, next(data))
     return config, objective, host(state)
 
 
 def _run(config, objective, init_host, mesh, steps=2):
-    abstract, sh = st.state_shardings(objective, mesh, config.seed)
+    abstract, sh = tr.state_shardings(objective, mesh, config.seed)
     state = shd.put_like(init_host, abstract_with(abstract, sh))
     data = batches(config, mesh)
-    step = loop.jit_train_step(objective, config, mesh, sh, data.host_batch(0))
+    step = tr.jit_train_step(objective, config, mesh, sh, data.host_batch(0))
     out = []
     for i in range(steps):
-        state, metrics = step(state, next(data), loop.step_key(state.rng, i))
+        state, metrics = step(state, next(data), tr.step_key(state.rng, i))
         out.append(float(metrics["loss"]))
     return out, host(state)
 
@@ -174,7 +175,7 @@ def test_sharded_steps_equal_single_device(tiny, monkeypatch):
 def test_state_is_born_sharded(tiny):
     config, objective, _ = tiny
     mesh = shd.make_mesh((2, 1, 4))
-    _, sh = st.state_shardings(objective, mesh, config.seed)
+    _, sh = tr.state_shardings(objective, mesh, config.seed)
     specs = [s.spec for s in jax.tree_util.tree_leaves(sh.params)]
     assert any("tensor" in str(s) for s in specs)  # wide kernels are split over the tensor axis
     opt_specs = {str(s.spec) for s in jax.tree_util.tree_leaves(sh.opt_state)}

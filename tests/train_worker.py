@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from ldm_jax import sharding as shd  # noqa: E402
-from ldm_jax.training import loop  # noqa: E402
+from ldm_jax.training import loop, registry  # noqa: E402
 from training_utils import batches, tiny_config  # noqa: E402
 
 
@@ -24,7 +24,8 @@ def main() -> None:
     mesh_arg = {"mesh": tuple(int(x) for x in sys.argv[6].split(","))} if len(sys.argv) > 6 else {}
     config = tiny_config(arg, num_steps=int(steps), **{"checkpoint.every": int(every)}, **mesh_arg)
     mesh = shd.mesh_from_config(config.mesh)
-    result = loop.train(config, workdir, dataset=batches(config, mesh), mesh=mesh)
+    objective = registry.make_objective(config, workdir)
+    result = loop.train(config, workdir, objective, dataset=batches(config, mesh), mesh=mesh)
     if jax.process_index() == 0:
         with open(out, "w") as f:
             json.dump({"losses": result.losses, "stopped": result.stopped, "start": result.start_step,

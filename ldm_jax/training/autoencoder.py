@@ -32,12 +32,16 @@ import numpy as np
 import optax
 
 from ldm_jax import metrics
+from ldm_jax.data.config import default_data_config, shapes_spec
+from ldm_jax.data.pipeline import make_dataset
 from ldm_jax.data.shapes import attributes_kept
+from ldm_jax.interop.lpips import load_lpips_params
 from ldm_jax.models.autoencoder import VAE_PRESETS, VQModel, autoencoder_class
 from ldm_jax.models.discriminator import D_LOSSES, NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS
-from ldm_jax.training.objective import ConfigError
-from ldm_jax.training.optim import make_optimizer
+from ldm_jax.sharding import put_like
+from ldm_jax.training.objective import ConfigError, Hook, Objective, default_loop_config
+from ldm_jax.training.optim import default_optim_config, make_optimizer
 from ldm_jax.training.state import apply_gradients
 
 log = logging.getLogger("ldm_jax.train")
@@ -104,10 +108,6 @@ def default_loss_config() -> ml_collections.ConfigDict:
 
 def default_autoencoder_config(preset: str) -> ml_collections.ConfigDict:
     """A whole first-stage training config (loop + data + model + loss + two Adams (0.5, 0.9) + eval) for `preset`."""
-    from ldm_jax.data.config import default_data_config
-    from ldm_jax.training.loop import default_loop_config
-    from ldm_jax.training.optim import default_optim_config
-
     c = default_loop_config()
     c.objective = "autoencoder"
     c.data = default_data_config()
@@ -135,7 +135,7 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- objective
-class AutoencoderObjective:
+class AutoencoderObjective(Objective):
     """First-stage training (see the module docstring); implements `ldm_jax.training.objective.Objective`."""
 
     name = "autoencoder"
@@ -224,9 +224,6 @@ class AutoencoderObjective:
         """Loads the LPIPS weights named by `loss.lpips_weights` into `frozen`."""
         if self.lpips is None:
             return state
-        from ldm_jax.interop.lpips import load_lpips_params
-        from ldm_jax.sharding import put_like
-
         lp = put_like(load_lpips_params(self.loss_cfg.lpips_weights), state.frozen["lpips"])
         return state.replace(frozen={**state.frozen, "lpips": lp})
 
@@ -325,8 +322,6 @@ class AutoencoderObjective:
     # --- data and evaluation -------------------------------------------------------------------------
     def make_dataset(self, mesh, split: str = "train", batch_size: int | None = None):
         """The training (or evaluation) iterator from `config.data` (ldm_jax.data.make_dataset)."""
-        from ldm_jax.data import make_dataset
-
         return make_dataset(self.config.data, mesh=mesh, global_batch_size=batch_size or self.config.global_batch_size,
                             seed=self.config.seed, split=split)
 
@@ -356,8 +351,6 @@ class AutoencoderObjective:
         ps, ss, kept = [], [], []
         spec = None
         if self.config.get("data") is not None and self.config.data.source == "shapes":
-            from ldm_jax.data.config import shapes_spec
-
             spec = shapes_spec(self.config.data)
         for b in batches:
             recon, p, s = fn(ae_params, b["image"])
@@ -370,9 +363,7 @@ class AutoencoderObjective:
             out[f"{k}_kept"] = float(np.mean([d[k] for d in kept]))
         return out
 
-    def hooks(self):
-        from ldm_jax.training.loop import Hook
-
+    def hooks(self) -> list[Hook]:
         ev = self.config.eval
         return [Hook(every=int(ev.every), fn=self._eval_hook, name="reconstructions")] if ev.every > 0 else []
 
@@ -418,8 +409,8 @@ def recon_grid(images: np.ndarray, recons: np.ndarray) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def build(config: ml_collections.ConfigDict) -> AutoencoderObjective:
-    """The objective for `config.objective == "autoencoder"`."""
+def build(config: ml_collections.ConfigDict, workdir: Any = None) -> AutoencoderObjective:
+    """The objective for `config.objective == "autoencoder"` (`workdir` is not needed)."""
     return AutoencoderObjective(config)
 
 

@@ -1,90 +1,203 @@
-"""Periodic hooks of the LDM objective: sample grids with the EMA weights (fixed prompts and seed)."""
+"""The loop's own services, one small object each: checkpoints, the NaN stop, scalars, progress bar, SIGTERM.
+
+`Checkpoints` restores and saves (orbax, async) and is the hook that saves every `checkpoint.every` steps;
+`MetricsWatch` reads each step's metrics one step late (so the host never waits for the device), stops on a
+non-finite loss and feeds `ScalarLog` (TensorBoard) and the per-step losses; `ProgressBar` is tqdm;
+`Preemption` turns SIGTERM into a save-and-exit between steps.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import math
 import pathlib
-from typing import Any
+import signal
+import time
+from typing import Any, Callable
 
+import jax
+import ml_collections
 import numpy as np
 
-from ldm_jax.images import image_grid
-from ldm_jax.training.loop import Hook, HookContext
+from ldm_jax.checkpoint import Checkpointer, abstract_with_shardings
+from ldm_jax.training.objective import Hook, HookContext, Objective
+from ldm_jax.training.state import TrainState
 
 log = logging.getLogger("ldm_jax.train")
 
 
-def write_grid(images: np.ndarray, path: pathlib.Path, writer: Any, tag: str, step: int) -> None:
-    """Saves a grid PNG and logs it to TensorBoard."""
-    from PIL import Image
+class Checkpoints(Hook):
+    """Restores the newest complete checkpoint and saves every `checkpoint.every` steps (forced at the last)."""
 
-    grid = image_grid(images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    if writer is not None:
-        writer.add_image(tag, grid, step, dataformats="HWC")
-        writer.flush()
+    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path, objective: Objective, dataset: Any):
+        ck = config.checkpoint
+        super().__init__(every=max(int(ck.every), 1), name="checkpoints")
+        self.ckpt = Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep,
+                                 keep_period=ck.keep_period or None, async_save=ck.async_save)
+        self.objective, self.dataset = objective, dataset
+        self.meta = {"objective": objective.name, "config": json.loads(config.to_json_best_effort())}
+        self.last_good = self.ckpt.latest_step()
 
+    @property
+    def directory(self) -> pathlib.Path:
+        return self.ckpt.directory
 
-def sampling_pipeline(objective: Any, mesh: Any) -> Any:
-    """An `ldm_jax.pipeline.Pipeline` for the objective's models (weights are passed per call)."""
-    from ldm_jax.pipeline import Pipeline
+    def restore(self, abstract: TrainState, shardings: TrainState) -> TrainState | None:
+        """The newest checkpoint's state on `shardings` (and the dataset's position), or None for a fresh run."""
+        if self.last_good is None:
+            return None
+        state, data_state, _ = self.ckpt.restore(self.last_good, abstract_with_shardings(abstract, shardings))
+        if data_state and hasattr(self.dataset, "set_state"):
+            self.dataset.set_state(data_state)
+        log.info("resumed from %s at step %d", self.directory, self.last_good)
+        return state
 
-    sched = {**objective.scheduler_dict(), "scale_factor": 1.0}
-    text_kwargs = objective.text_kwargs
-    tokenizer = objective.tokenizer if text_kwargs is not None else None
-    if text_kwargs is not None and tokenizer is None:
-        return None
-    return Pipeline.from_configs(objective.unet_kwargs, objective.vae_kwargs, text_kwargs, tokenizer, sched,
-                                 mesh=mesh, default_size=int(objective.config.image_size))
-
-
-def sample_params(objective: Any, state: Any) -> dict:
-    """{"unet", "vae", ["text"]} of the state, with EMA weights for the trained ones."""
-    model = state.ema.get("model", state.params["model"])
-    params = {"unet": model["unet"], "vae": state.frozen["first_stage"]}
-    if objective.text is not None:
-        params["text"] = model["text"] if objective.text_trainable else state.frozen["text"]
-    return params
-
-
-class SampleGrid:
-    """Writes WORKDIR/samples/step_<N>.png and TensorBoard `samples` from the EMA weights."""
-
-    def __init__(self, objective: Any):
-        self.objective = objective
-        self.pipeline = None
-        self.disabled = False
+    def save(self, step: int, state: TrainState, force: bool) -> None:
+        if self.last_good == step:
+            return
+        data_state = self.dataset.get_state() if hasattr(self.dataset, "get_state") else None
+        meta = {**self.meta, **self.objective.export(state), "step": step}
+        if self.ckpt.save(step, state, data_state, meta, force=force):
+            self.last_good = step
 
     def __call__(self, ctx: HookContext) -> None:
-        obj, cfg = self.objective, self.objective.config.sample
-        if self.disabled:
-            return
-        if obj.config.cond.type == "class":
-            log.info("sample grids for class-conditional models are not drawn by the trainer")
-            self.disabled = True
-            return
-        if self.pipeline is None:
-            self.pipeline = sampling_pipeline(obj, ctx.mesh)
-            if self.pipeline is None:
-                log.warning("no tokenizer configured (cond.tokenizer): sample grids are off")
-                self.disabled = True
-                return
-        # The latents the pipeline decodes are divided by the scale factor the run uses.
-        self.pipeline.scheduler.scale_factor = float(np.asarray(ctx.state.extra["scale_factor"]))
-        prompts = list(cfg.prompts) if obj.text is not None else int(cfg.num)
-        images = self.pipeline.generate(
-            prompts, sampler=cfg.sampler, schedule=cfg.schedule, steps=int(cfg.steps),
-            guidance_scale=float(cfg.guidance_scale) if obj.text is not None else 1.0, seed=int(cfg.seed),
-            params=sample_params(obj, ctx.state),
-        )
-        if ctx.writer is not None:  # process 0 only
-            write_grid(np.asarray(images), ctx.workdir / "samples" / f"step_{ctx.step:07d}.png", ctx.writer, "samples",
-                       ctx.step)
+        self.save(ctx.step, ctx.state, force=ctx.step == ctx.last)
+
+    def where(self) -> str:
+        """Where the last good checkpoint is, for error messages (waits for a save in flight)."""
+        self.ckpt.wait()
+        if self.last_good is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is step {self.last_good} in {self.directory}"
+
+    def close(self) -> None:
+        """Waits for a save in flight and releases the manager (idempotent)."""
+        if self.ckpt is not None:
+            self.ckpt.close()
+            self.ckpt = None
 
 
-def ldm_hooks(objective: Any) -> list[Hook]:
-    """The LDM objective's hooks: a sample grid every `sample.every` steps (0 = never)."""
-    every = int(objective.config.sample.every)
-    if every <= 0 or (objective.text is not None and not list(objective.config.sample.prompts)):
-        return []
-    return [Hook(every=every, fn=SampleGrid(objective), name="samples")]
+class MetricsWatch:
+    """Reads each step's metrics on the host one step late; stops on a non-finite loss (`stop_on_nan`)."""
+
+    def __init__(self, stop_on_nan: bool, checkpoints: Checkpoints, listeners: list[Callable[[dict], None]] = ()):
+        self.stop_on_nan, self.checkpoints, self.listeners = stop_on_nan, checkpoints, list(listeners)
+        self.losses: list[float] = []
+        self.latest: dict[str, float] | None = None
+        self._pending: tuple[int, Any] | None = None
+
+    def push(self, step: int, metrics: dict[str, jax.Array], sync: bool) -> None:
+        """Reads the previous step's metrics (this step's too when `sync`) while the device runs on."""
+        self.flush()
+        self._pending = (step, metrics)
+        if sync:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        self._pending = None
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if self.stop_on_nan and not math.isfinite(host["loss"]):
+            raise FloatingPointError(
+                f"loss is {host['loss']} at step {step}; stopping ({self.checkpoints.where()}). Lower optim.lr, raise "
+                f"optim.clip_norm protection or check the data; re-running the same command resumes from that checkpoint."
+            )
+        self.losses.append(host["loss"])
+        self.latest = host
+        for fn in self.listeners:
+            fn(host)
+
+
+class ScalarLog(Hook):
+    """TensorBoard `train/<metric>` (means over the window), `lr/<group>` and throughput, every `log_every`."""
+
+    def __init__(self, writer: Any, every: int, stop: int, global_batch_size: int):
+        super().__init__(every=every, name="scalars")
+        self.writer, self.stop, self.batch = writer, stop, int(global_batch_size)
+        self.window: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, host: dict) -> None:
+        self.window.append(host)
+
+    def due(self, step: int, last: int) -> bool:
+        return step % self.every == 0 or step == self.stop
+
+    def __call__(self, ctx: HookContext) -> None:
+        window, seconds = self.window, time.perf_counter() - self.t0
+        self.window, self.t0 = [], time.perf_counter()
+        if self.writer is None or not window:
+            return
+        for k in window[0]:
+            self.writer.add_scalar(f"train/{k}", float(np.mean([m[k] for m in window])), ctx.step)
+        for g, sched in ctx.objective.schedules().items():
+            self.writer.add_scalar(f"lr/{g}", float(sched(ctx.step - 1)), ctx.step)
+        self.writer.add_scalar("perf/step_time_s", seconds / len(window), ctx.step)
+        self.writer.add_scalar("perf/images_per_s", len(window) * self.batch / max(seconds, 1e-9), ctx.step)
+        self.writer.flush()
+
+
+class ProgressBar(Hook):
+    """tqdm over the run's steps (process 0); loss and images/s shown every `log_every` steps."""
+
+    sync = False
+
+    def __init__(self, start: int, total: int, log_every: int, stop: int, global_batch_size: int):
+        super().__init__(every=1, name="progress")
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        self.log_every, self.stop, self.batch = log_every, stop, int(global_batch_size)
+        self.n, self.t0 = 0, time.perf_counter()
+
+    def __call__(self, ctx: HookContext) -> None:
+        self.n += 1
+        if (ctx.step % self.log_every == 0 or ctx.step == self.stop) and ctx.metrics is not None:
+            seconds = max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix(loss=f"{ctx.metrics['loss']:.4f}", img_s=f"{self.n * self.batch / seconds:.1f}")
+            self.n, self.t0 = 0, time.perf_counter()
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop polls, so the run saves and exits between steps."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+
+    def __enter__(self) -> "Preemption":
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. under some test runners): no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def requested(self) -> bool:
+        """Whether any process got SIGTERM (all processes agree, so they save the same step together)."""
+        if jax.process_count() == 1:
+            return self.flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.flag))))
+
+
+def tensorboard(workdir: pathlib.Path) -> Any:
+    """A tensorboardX writer for WORKDIR/tb on process 0, None elsewhere."""
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir / "tb"))

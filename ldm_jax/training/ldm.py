@@ -41,11 +41,16 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from ldm_jax import sharding as shd
+from ldm_jax.data.config import default_data_config
+from ldm_jax.data.pipeline import make_dataset
 from ldm_jax.diffusion import losses, schedules
 from ldm_jax.models import layers
-from ldm_jax.training import optim
-from ldm_jax.training.objective import ConfigError
+from ldm_jax.models.autoencoder import autoencoder_class
+from ldm_jax.models.text import CLIPTextTransformer
+from ldm_jax.models.unet import UNet
+from ldm_jax.training import ldm_io, optim, sample_grid
+from ldm_jax.training.latent_cache import cached_dataset
+from ldm_jax.training.objective import ConfigError, Hook, Objective, default_loop_config
 from ldm_jax.training.state import TrainState, apply_gradients
 
 log = logging.getLogger("ldm_jax.train")
@@ -75,16 +80,13 @@ def _kwargs(block: Any) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-class LDMObjective:
+class LDMObjective(Objective):
     """The LDM objective for the shared loop (see `ldm_jax.training.objective`)."""
 
     name = "ldm"
     ema_groups = ("model",)
 
     def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any = None):
-        from ldm_jax.models.autoencoder import autoencoder_class
-        from ldm_jax.models.unet import UNet
-
         self.config = c = config
         if c.dtype not in DTYPES:
             raise ConfigError(f"dtype={c.dtype!r} is unknown; use one of {sorted(DTYPES)}")
@@ -101,8 +103,6 @@ class LDMObjective:
         self.text_kwargs = _kwargs(c.cond.text) if c.cond.type == "text" else None
         self.text = None
         if self.text_kwargs is not None:
-            from ldm_jax.models.text import CLIPTextTransformer
-
             self.text = CLIPTextTransformer(**self.text_kwargs, dtype=dtype, remat_policy=c.remat)
         self.class_embed = None
         if c.cond.type == "class" and c.cond.class_mode == "context":
@@ -270,8 +270,6 @@ class LDMObjective:
     # ---------------------------------------------------------------- host side
     def validate(self, mesh) -> None:
         """Checks paths before anything is compiled."""
-        from ldm_jax.training import ldm_io
-
         problems = []
         for check in (ldm_io.check_first_stage, ldm_io.check_data, ldm_io.check_text):
             try:
@@ -282,40 +280,28 @@ class LDMObjective:
             raise ConfigError("\n  - ".join(["the config cannot run:"] + problems))
 
     def load_pretrained(self, state: TrainState, mesh) -> TrainState:
-        from ldm_jax.training import ldm_io
-
         return ldm_io.load_pretrained(self, state, mesh)
 
     def make_dataset(self, mesh):
-        from ldm_jax.data import make_dataset
-
         if self.config.data.get("cache"):  # first-stage latents encoded once (training/latent_cache.py)
-            from ldm_jax.training.latent_cache import cached_dataset
-
             return cached_dataset(self, mesh)
         return make_dataset(self.config.data, mesh=mesh, global_batch_size=int(self.config.global_batch_size),
                             tokenizer=self.tokenizer, seed=int(self.config.seed))
 
-    def hooks(self):
-        from ldm_jax.training import hooks
-
-        return hooks.ldm_hooks(self)
+    def hooks(self) -> list[Hook]:
+        return sample_grid.ldm_hooks(self)
 
 
 def build(config: ml_collections.ConfigDict, tokenizer: Any = None, workdir: Any = None) -> LDMObjective:
     """The LDM objective of `config` (the tokenizer comes from `cond.tokenizer` when not given)."""
     trained_without_workdir = str(config.cond.get("tokenizer")) == "train" and workdir is None  # shape-only builds
     if tokenizer is None and config.cond.type == "text" and config.cond.get("tokenizer") and not trained_without_workdir:
-        from ldm_jax.training import ldm_io
-
         tokenizer = ldm_io.load_tokenizer(config, workdir)
     return LDMObjective(config, tokenizer)
 
 
 def default_ldm_config() -> ml_collections.ConfigDict:
     """The LDM-specific blocks of a training config (configs/ldm_*.py fill in the models)."""
-    from ldm_jax.training.loop import default_loop_config
-
     c = default_loop_config()
     c.objective = "ldm"
     c.image_size = 256
@@ -332,7 +318,5 @@ def default_ldm_config() -> ml_collections.ConfigDict:
     c.optim = optim.default_optim_config()
     c.sample = dict(every=0, prompts=[], num=8, seed=0, sampler="euler", schedule="karras", steps=20,
                     guidance_scale=3.0)
-    from ldm_jax.data.config import default_data_config
-
     c.data = default_data_config()
     return c

@@ -17,9 +17,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from ldm_jax import sharding as shd
+from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.data import tokenizers
+from ldm_jax.data.pipeline import dataset_captions
+from ldm_jax.interop import clip, common, pretrained, vae
 from ldm_jax.training.objective import ConfigError
 
 HOW_TO_FIRST_STAGE = (
@@ -47,8 +52,6 @@ def check_first_stage(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"{path} is neither an autoencoder workdir (no checkpoints/) nor a diffusers VAE folder: "
                           f"{HOW_TO_FIRST_STAGE}")
     if _is_workdir(path):
-        from ldm_jax.checkpoint import Checkpointer
-
         if Checkpointer(path / "checkpoints", async_save=False).latest_step() is None:
             raise ConfigError(f"autoencoder workdir {path} has no complete checkpoint yet: {HOW_TO_FIRST_STAGE}")
 
@@ -78,8 +81,6 @@ def check_text(config: ml_collections.ConfigDict) -> None:
 
 
 def _compare_kwargs(found: dict, expected: dict, where: str) -> None:
-    from ldm_jax.interop import vae
-
     # architecture_diff compares attention by level, not by CompVis `resolution` (which files do not record).
     diff = vae.architecture_diff(found, expected)
     if diff:
@@ -93,10 +94,6 @@ def read_workdir_params(workdir: str | pathlib.Path, group: str, abstract: Any, 
 
     `abstract` is the boxed or plain abstract tree of that group; only those arrays are read (partial restore).
     """
-    import orbax.checkpoint as ocp
-
-    from ldm_jax.checkpoint import Checkpointer
-
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
     step = ckpt.latest_step()
     if step is None:
@@ -123,8 +120,6 @@ def read_workdir_params(workdir: str | pathlib.Path, group: str, abstract: Any, 
 
 def load_first_stage(config: ml_collections.ConfigDict, module: nn.Module, abstract: Any) -> Any:
     """Host params of the first stage named by `config.first_stage.checkpoint` (see the module docstring)."""
-    from ldm_jax.interop import common, vae
-
     path = pathlib.Path(config.first_stage.checkpoint)
     kwargs = config.first_stage.kwargs.to_dict()
     if _is_workdir(path):
@@ -152,15 +147,11 @@ def load_first_stage(config: ml_collections.ConfigDict, module: nn.Module, abstr
 
 def _single_file_meta(path: pathlib.Path) -> dict | None:
     """The configs `interop.pretrained.save_single_file` stores in a .safetensors file, or None."""
-    from ldm_jax.interop import pretrained
-
     return pretrained._metadata(path)
 
 
 def load_text_encoder(config: ml_collections.ConfigDict) -> Any:
     """Host params of a pretrained CLIP text encoder (transformers folder or single-file SD checkpoint)."""
-    from ldm_jax.interop import clip, common
-
     path = pathlib.Path(config.cond.text_checkpoint)
     kwargs = config.cond.text.to_dict()
     if path.is_dir():
@@ -186,8 +177,6 @@ def load_pretrained(objective: Any, state: Any, mesh) -> Any:
         else:
             frozen["text"] = shd.put_like(host, state.frozen["text"])
     if config.init_from:
-        from ldm_jax.interop import pretrained
-
         p = (pretrained.load_diffusers if pathlib.Path(config.init_from).is_dir() else pretrained.load_single_file)(
             config.init_from)
         params["model"]["unet"] = shd.put_like(p.unet_params, state.params["model"]["unet"])
@@ -199,14 +188,10 @@ def load_pretrained(objective: Any, state: Any, mesh) -> Any:
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: Any = None) -> Any:
     """The tokenizer named by `cond.tokenizer`: a CLIP tokenizer folder, a tokenizer.json, or "train" (a BPE
     trained on the dataset's captions with `cond.text.vocab_size` entries, saved as WORKDIR/tokenizer.json)."""
-    from ldm_jax.data import tokenizers
-
     length = int(config.cond.text.get("max_length", 77))
     if str(config.cond.tokenizer) == "train":
         if workdir is None:
             raise ConfigError("cond.tokenizer='train' needs a workdir to keep the trained tokenizer in")
-        from ldm_jax.data.pipeline import dataset_captions
-
         return tokenizers.load_or_train_tokenizer(workdir, lambda: dataset_captions(config.data),
                                                   vocab_size=int(config.cond.text.vocab_size), max_length=length)
     return tokenizers.load_tokenizer(str(config.cond.tokenizer), max_length=length)

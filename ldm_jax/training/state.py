@@ -1,16 +1,12 @@
-"""Train state, sharded creation, optimizer application and EMA with LDM's warm-up decay."""
+"""Train state, optimizer application and EMA with LDM's warm-up decay (sharded creation: `training.trainer`)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import linen as nn
-from jax.sharding import Mesh
-
-from ldm_jax.sharding import logical_sharding
 
 
 @flax.struct.dataclass
@@ -50,53 +46,6 @@ def update_ema(ema: Any, params: Any, decay: jax.Array) -> Any:
     return jax.tree_util.tree_map(
         lambda e, p: (e - (1.0 - decay) * (e - p.astype(e.dtype))).astype(e.dtype), ema, params
     )
-
-
-def init_state_fn(objective: Any, seed: int) -> Callable[[], TrainState]:
-    """A traceable function that returns the (boxed) initial state of `objective` (memoized: one compile per run)."""
-    cache = objective.__dict__.setdefault("_ldm_jax_init_cache", {})
-    if seed in cache:
-        return cache[seed]
-
-    def init() -> TrainState:
-        key = jax.random.key(seed)
-        init_key, run_key = jax.random.split(key)
-        variables = objective.init(init_key)
-        params = variables["params"]
-        txs = objective.optimizers()
-        if set(txs) != set(params):
-            raise ValueError(f"objective {objective.name}: optimizers {sorted(txs)} != parameter groups {sorted(params)}")
-        # optax maps over the boxed params, so its moments carry the same logical names (and shardings).
-        opt_state = {g: txs[g].init(params[g]) for g in params}
-        ema = {g: jax.tree_util.tree_map(lambda x: x, params[g]) for g in objective.ema_groups}
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=opt_state,
-            ema=ema,
-            frozen=variables.get("frozen", {}),
-            extra=variables.get("extra", {}),
-            rng=jax.random.key_data(run_key),
-        )
-
-    cache[seed] = init
-    return init
-
-
-def state_shardings(objective: Any, mesh: Mesh, seed: int = 0) -> tuple[TrainState, TrainState]:
-    """(abstract unboxed state, NamedShardings) for `objective` on `mesh`, without allocating anything."""
-    boxed = jax.eval_shape(init_state_fn(objective, seed))
-    shardings = logical_sharding(boxed, mesh)
-    return nn.meta.unbox(boxed), shardings
-
-
-def create_state(objective: Any, mesh: Mesh, seed: int = 0) -> TrainState:
-    """The initial state, created already sharded: eval_shape -> logical shardings -> jit(out_shardings)."""
-    init = init_state_fn(objective, seed)
-    _, shardings = state_shardings(objective, mesh, seed)
-    cache = objective.__dict__["_ldm_jax_init_cache"]
-    unboxed = cache.setdefault(("unboxed", seed), lambda: nn.meta.unbox(init()))  # same function -> jit cache hits
-    return jax.jit(unboxed, out_shardings=shardings)()
 
 
 def eval_params(state: TrainState, group: str, use_ema: bool = True) -> Any:

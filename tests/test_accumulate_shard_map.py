@@ -12,7 +12,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax import sharding as shd
 from ldm_jax.training import optim
-from ldm_jax.training import trainer as tr
 from training_utils import batches, host, max_diff, shared_objective, tiny_config
 
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute", "all-to-all")

@@ -1,6 +1,6 @@
 """The loop's own services, one small object each: checkpoints, the NaN stop, scalars, progress bar, SIGTERM.
 
-`Checkpoints` restores and saves (orbax, async) and is the hook that saves every `checkpoint.every` steps;
+`Checkpoints` restores (the newest intact checkpoint) and saves (orbax, async) and is the hook that saves every `checkpoint.every` steps;
 `MetricsWatch` reads each step's metrics one step late (so the host never waits for the device), stops on a
 non-finite loss and feeds `ScalarLog` (TensorBoard) and the per-step losses; `ProgressBar` is tqdm;
 `Preemption` turns SIGTERM into a save-and-exit between steps.
@@ -36,17 +36,19 @@ class Checkpoints(Hook):
                                  keep_period=ck.keep_period or None, async_save=ck.async_save)
         self.objective, self.dataset = objective, dataset
         self.meta = {"objective": objective.name, "config": json.loads(config.to_json_best_effort())}
-        self.last_good = self.ckpt.latest_step()
+        self.last_good: int | None = None  # set by `restore` and each completed save
 
     @property
     def directory(self) -> pathlib.Path:
         return self.ckpt.directory
 
     def restore(self, abstract: TrainState, shardings: TrainState) -> TrainState | None:
-        """The newest checkpoint's state on `shardings` (and the dataset's position), or None for a fresh run."""
-        if self.last_good is None:
+        """The newest intact checkpoint's state on `shardings` (and the dataset's position), or None for a fresh
+        run; a damaged newer checkpoint is set aside (`Checkpointer.restore_latest`)."""
+        found = self.ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
+        if found is None:
             return None
-        state, data_state, _ = self.ckpt.restore(self.last_good, abstract_with_shardings(abstract, shardings))
+        self.last_good, state, data_state, _ = found
         if data_state and hasattr(self.dataset, "set_state"):
             self.dataset.set_state(data_state)
         log.info("resumed from %s at step %d", self.directory, self.last_good)

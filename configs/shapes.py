@@ -86,6 +86,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     spec = ShapesSpec()
     c.sample.update(every=1250, prompts=heldout_prompts(spec, per_pair=3, seed=99), seed=0, sampler="dpmpp_2m",
                     schedule="karras", steps=20, guidance_scale=4.0)
+    # A sample-quality curve in TensorBoard (eval/fid_first_stage, WORKDIR/metrics.jsonl): FID/KID of 64 EMA samples
+    # of test captions vs the test split, in the feature space of the run's own first-stage encoder (offline; NOT
+    # comparable with Inception-FID). With the FID Inception weights: eval.metrics=fid,kid, eval.inception=PATH.
+    c.eval.update(every=500, num_samples=64, metrics="fid_first_stage,kid_first_stage", sampler="dpmpp_2m",
+                  schedule="karras", steps=10, guidance_scale=4.0, prompts_from="data:test", split="test",
+                  batch_size=64)
     # scored at the end of the run (ldm_jax.evaluation): every caption attribute on per_pair samples of each
     # held-out pair and on `in_distribution` fresh captions of trained pairs
     c.final_eval = dict(kind="shapes", per_pair=16, in_distribution=96, sampler="dpmpp_2m", schedule="karras", steps=20,
@@ -105,6 +111,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.checkpoint.update(every=4, async_save=False)
         c.sample.update(every=4, prompts=heldout_prompts(spec, per_pair=1), steps=2)
         c.final_eval.update(per_pair=2, in_distribution=4, steps=2)
+        c.eval.update(every=4, num_samples=8, steps=2, batch_size=8)
     c.lock()
     return c
 

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from ldm_jax import evaluation, sharding
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data.builders import DataError
-from ldm_jax.training import loop, registry
+from ldm_jax.training import eval_hook, loop, registry
 from ldm_jax.training.objective import ConfigError
 
 
@@ -37,7 +37,8 @@ def first_stage_done(workdir: pathlib.Path, num_steps: int) -> bool:
 def train_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.TrainResult:
     """One training run: the objective named by the config, with its own hooks, in `workdir`."""
     objective = registry.make_objective(config, workdir)
-    return loop.train(config, workdir, objective, hooks=objective.hooks())
+    hooks = [*objective.hooks(), *eval_hook.eval_hooks(config, objective, workdir)]  # config.eval: FID/KID/CLIP
+    return loop.train(config, workdir, objective, hooks=hooks)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.TrainResult:

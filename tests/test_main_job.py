@@ -31,4 +31,6 @@ def test_main_job_smoke_leaves_scores_samples_and_logs(tmp_path):
     assert ae[-1]["step"] == 4 and 0.0 <= ae[-1]["color_kept"] <= 1.0 and ae[-1]["psnr"] > 0
     assert (wd / "eval_grid.png").stat().st_size > 0 and list((wd / "samples").glob("*.png"))
     assert list((wd / "tb").glob("events.out.tfevents.*")) and list((wd / "first_stage" / "tb").glob("events.out.tfevents.*"))
+    [rec] = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]  # config.eval, step 4
+    assert rec["step"] == 4 and rec["num_samples"] == 8 and rec["fid_first_stage"] > 0
     assert (wd / "tokenizer.json").exists() and (wd / "checkpoints" / "4").is_dir()

@@ -44,6 +44,7 @@ from flax import linen as nn
 from ldm_jax.data.config import default_data_config
 from ldm_jax.data.pipeline import make_dataset
 from ldm_jax.diffusion import losses, schedules
+from ldm_jax.evaluation.evaluator import default_eval_config
 from ldm_jax.models import layers
 from ldm_jax.models.autoencoder import autoencoder_class
 from ldm_jax.models.text import CLIPTextTransformer
@@ -319,4 +320,5 @@ def default_ldm_config() -> ml_collections.ConfigDict:
     c.sample = dict(every=0, prompts=[], num=8, seed=0, sampler="euler", schedule="karras", steps=20,
                     guidance_scale=3.0)
     c.data = default_data_config()
+    c.eval = default_eval_config()  # FID/KID/CLIP score every eval.every steps (training/eval_hook.py)
     return c

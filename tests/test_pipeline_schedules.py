@@ -51,3 +51,20 @@ def test_compvis_spacing_is_explicit(pipe):
                                       sampling.schedule_sigmas("ddim_uniform", n, levels))
     with pytest.raises(ValueError, match="CompVis spacing has 31 timesteps for steps=30"):
         sampling.schedule_sigmas("ddim_uniform", 30, levels, timestep_spacing="compvis")
+
+
+def test_every_registered_name_is_accepted(pipe, golden):
+    """Every schedule gives the pipeline steps + 1 sigmas for every sampler (no compile), and a new
+    sampler + schedule pair runs end to end: UniPC on Align Your Steps lands near DPM++ 2M on the
+    same schedule (the same ODE), not on it."""
+    for schedule in sampling.SCHEDULES:
+        for sampler in sampling.SAMPLERS:
+            s = pipe.sigmas(schedule, 12, sampler)
+            assert s.shape == (13,) and np.all(np.diff(s) < 0), (schedule, sampler)
+    kw = dict(negative_prompts=[NEGATIVE], steps=12, guidance_scale=GUIDANCE, latents=golden["latents"],
+              height=SIZE, width=SIZE, output="latent")
+    a = pipe.generate([PROMPT], sampler="uni_pc", schedule="ays_sd1", **kw)
+    b = pipe.generate([PROMPT], sampler="dpmpp_2m", schedule="ays_sd1", **kw)
+    assert np.all(np.isfinite(a)) and 1e-4 < np.abs(a - b).max() / np.abs(b).max() < 0.5  # close, not equal
+    with pytest.raises(ValueError, match="unknown schedule 'ays'"):
+        pipe.generate([PROMPT], sampler="uni_pc", schedule="ays", **kw)

@@ -15,7 +15,12 @@ from typing import Callable
 
 from absl import app, flags
 
+from ldm_jax import compile_cache
 from ldm_jax.checkpoint import CheckpointSaveError, DamagedCheckpointError
+
+flags.DEFINE_string("compile_cache", None, "Folder of JAX's persistent compilation cache (default: "
+                    f"${compile_cache.ENV} or ~/.cache/ldm_jax/xla; 'off' turns it off). A restarted run loads "
+                    "its compiled programs from there instead of compiling them again.")
 
 _PACKAGE = str(pathlib.Path(__file__).resolve().parent)
 # Always the user's input, wherever raised: flags, files, and what a corrupt checkpoint file raises when unpickled.
@@ -40,9 +45,16 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def enable_compile_cache() -> None:
+    """Turns on the persistent compilation cache where --compile_cache / the environment says (compile_cache.py)."""
+    compile_cache.enable(flags.FLAGS.compile_cache if flags.FLAGS.is_parsed() else None)
+
+
 def guarded(fn: Callable[[], object], *, prefix: str = "error", also: tuple[type[BaseException], ...] = ()) -> None:
-    """Runs `fn`; a user error exits with `PREFIX: message` (status 1), unless --verbosity >= 1 asks for the traceback."""
+    """Runs `fn` with the compilation cache on; a user error exits with `PREFIX: message` (status 1), unless
+    --verbosity >= 1 asks for the traceback."""
     try:
+        enable_compile_cache()
         fn()
     except Exception as e:
         if not is_user_error(e, also) or flags.FLAGS["verbosity"].value >= 1:

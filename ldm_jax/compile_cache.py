@@ -13,11 +13,14 @@ of a multi-process run, or several runs). Only programs that took at least `min_
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pathlib
 import platform
 
 import jax
+
+log = logging.getLogger(__name__)
 
 ENV = "LDM_JAX_COMPILE_CACHE"
 OFF = ("off", "0", "none", "false", "")
@@ -56,9 +59,10 @@ def enable(path: str | os.PathLike | None = None, *, min_compile_secs: float = 1
     folder = root / host_tag()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"cannot create the compilation cache folder {folder} ({e.strerror}); set {ENV}=off "
-                      f"or --compile_cache=DIR to another place") from e
+    except OSError as e:  # a cache only saves time: run without it
+        log.warning("no persistent compilation cache: cannot create %s (%s); set %s or --compile_cache=DIR to a "
+                    "writable place, or 'off' to silence this", folder, e.strerror, ENV)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))

@@ -72,3 +72,20 @@ def utilisation(flops_per_step: float, seconds_per_step: float, device: Any | No
     peak, _ = peak_flops(device)
     achieved = flops_per_step / seconds_per_step
     return {"tflops_per_device": achieved / 1e12, "mfu": achieved / peak}
+
+
+def abstract_args(*args: Any) -> tuple:
+    """ShapeDtypeStructs (with shardings) of a call's arguments: enough to look up its compiled program later,
+    after donation has deleted the arrays."""
+    def spec(x: Any) -> Any:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)) if hasattr(x, "shape") else x
+
+    return jax.tree_util.tree_map(spec, args)
+
+
+def step_flops(jitted: Any, args: tuple) -> float | None:
+    """FLOPs per device of `jitted(*args)` (already compiled by its first call, so this only looks it up)."""
+    try:
+        return compiled_flops(jitted.lower(*args).compile())
+    except Exception:  # noqa: BLE001 - a missing cost model must never stop a training run
+        return None

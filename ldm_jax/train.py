@@ -16,7 +16,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax import evaluation, sharding
+from ldm_jax import cli, evaluation, sharding
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data.builders import DataError
 from ldm_jax.training import eval_hook, loop, registry
@@ -67,6 +67,7 @@ def main(argv: list[str]) -> None:
         # Orbax and tfds log every checkpoint file operation at INFO through absl; ours stay (--verbosity=1: all).
         logging.getLogger("absl").setLevel(logging.WARNING)
     sharding.initialize_distributed()
+    cli.enable_compile_cache()
     cfg = flags.FLAGS.config
     try:
         run(cfg, flags.FLAGS.workdir)

@@ -46,3 +46,10 @@ def test_off_and_explicit_path(tmp_path, monkeypatch):
     _, _, folder = _run(env, str(tmp_path / "explicit"))
     assert pathlib.Path(folder).parent == tmp_path / "explicit"
     assert compile_cache.host_tag() == compile_cache.host_tag() and "-" in compile_cache.host_tag()
+
+
+def test_unwritable_folder_runs_without_cache(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert compile_cache.enable(blocker / "cache") is None
+    assert "no persistent compilation cache" in caplog.text

@@ -41,3 +41,44 @@ def test_gpu_attention_choice(monkeypatch):
     assert layers.gpu_attention_impl(jnp.bfloat16, 64, None) == "xla"
     with pytest.raises(ValueError, match="LDM_JAX_ATTENTION"):
         layers.gpu_attention_impl(jnp.bfloat16, 64, None, choice="flash")
+
+
+def test_step_flops_reuses_the_compiled_program():
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None)
+    # as the loop's step: explicit shardings, state donated
+    rep = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    f = jax.jit(lambda a, b: (a @ b, b), in_shardings=(rep, rep), out_shardings=(rep, rep), donate_argnums=(1,))
+    a, b = jax.device_put(jnp.ones((16, 8)), rep), jax.device_put(jnp.ones((8, 8)), rep)
+    args = perf.abstract_args(a, b)
+    f(a, b)  # donates b
+    n = len(compiles)
+    assert perf.step_flops(f, args) == 2 * 16 * 8 * 8
+    assert len(compiles) == n  # looked up, not compiled again
+
+
+def test_scalar_log_writes_mfu(monkeypatch):
+    from ldm_jax.training.hooks import ScalarLog
+
+    class Writer:
+        def __init__(self):
+            self.scalars = {}
+
+        def add_scalar(self, k, v, step):
+            self.scalars[k] = v
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(perf, "peak_flops", lambda device=None: (1e12, "test"))
+    w = Writer()
+    log = ScalarLog(w, every=2, stop=10, global_batch_size=4, flops=lambda: 3e9)
+    ctx = types.SimpleNamespace(step=2, objective=types.SimpleNamespace(schedules=lambda: {}))
+    log.add({"loss": 1.0})
+    log.add({"loss": 3.0})
+    log(ctx)
+    step_time = w.scalars["perf/step_time_s"]
+    assert w.scalars["train/loss"] == 2.0
+    assert abs(w.scalars["perf/tflops_per_device"] - 3e9 / step_time / 1e12) < 1e-9
+    assert abs(w.scalars["perf/mfu"] - 3e9 / step_time / 1e12) < 1e-9  # peak 1 TFLOP/s

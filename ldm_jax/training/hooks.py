@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax import perf
 from ldm_jax.checkpoint import Checkpointer, abstract_with_shardings
 from ldm_jax.training.objective import Hook, HookContext, Objective
 from ldm_jax.training.state import TrainState
@@ -113,13 +114,18 @@ class MetricsWatch:
 
 
 class ScalarLog(Hook):
-    """TensorBoard `train/<metric>` (means over the window), `lr/<group>` and throughput, every `log_every`."""
+    """TensorBoard `train/<metric>` (means over the window), `lr/<group>`, throughput and — when `flops` (a callable
+    giving the compiled step's FLOPs per device, see ldm_jax/perf.py) is set — TFLOP/s per device and MFU,
+    every `log_every`."""
 
-    def __init__(self, writer: Any, every: int, stop: int, global_batch_size: int):
+    def __init__(self, writer: Any, every: int, stop: int, global_batch_size: int,
+                 flops: Callable[[], float | None] | None = None):
         super().__init__(every=every, name="scalars")
         self.writer, self.stop, self.batch = writer, stop, int(global_batch_size)
         self.window: list[dict] = []
         self.t0 = time.perf_counter()
+        self._flops_fn, self._flops = flops, None
+        self.perf: dict[str, float] = {}
 
     def add(self, host: dict) -> None:
         self.window.append(host)
@@ -130,14 +136,23 @@ class ScalarLog(Hook):
     def __call__(self, ctx: HookContext) -> None:
         window, seconds = self.window, time.perf_counter() - self.t0
         self.window, self.t0 = [], time.perf_counter()
-        if self.writer is None or not window:
+        if not window:
+            return
+        step_time = seconds / len(window)
+        if self._flops_fn is not None:
+            self._flops, self._flops_fn = self._flops_fn(), None
+        if self._flops:
+            self.perf = perf.utilisation(self._flops, step_time)
+        if self.writer is None:
             return
         for k in window[0]:
             self.writer.add_scalar(f"train/{k}", float(np.mean([m[k] for m in window])), ctx.step)
         for g, sched in ctx.objective.schedules().items():
             self.writer.add_scalar(f"lr/{g}", float(sched(ctx.step - 1)), ctx.step)
-        self.writer.add_scalar("perf/step_time_s", seconds / len(window), ctx.step)
+        self.writer.add_scalar("perf/step_time_s", step_time, ctx.step)
         self.writer.add_scalar("perf/images_per_s", len(window) * self.batch / max(seconds, 1e-9), ctx.step)
+        for k, v in self.perf.items():
+            self.writer.add_scalar(f"perf/{k}", v, ctx.step)
         self.writer.flush()
 
 
@@ -146,8 +161,10 @@ class ProgressBar(Hook):
 
     sync = False
 
-    def __init__(self, start: int, total: int, log_every: int, stop: int, global_batch_size: int):
+    def __init__(self, start: int, total: int, log_every: int, stop: int, global_batch_size: int,
+                 scalars: ScalarLog | None = None):
         super().__init__(every=1, name="progress")
+        self.scalars = scalars  # shows its MFU when it has one
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
@@ -158,7 +175,9 @@ class ProgressBar(Hook):
         self.n += 1
         if (ctx.step % self.log_every == 0 or ctx.step == self.stop) and ctx.metrics is not None:
             seconds = max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix(loss=f"{ctx.metrics['loss']:.4f}", img_s=f"{self.n * self.batch / seconds:.1f}")
+            extra = {"mfu": f"{100 * self.scalars.perf['mfu']:.1f}%"} if self.scalars and self.scalars.perf else {}
+            self.bar.set_postfix(loss=f"{ctx.metrics['loss']:.4f}", img_s=f"{self.n * self.batch / seconds:.1f}",
+                                 **extra)
             self.n, self.t0 = 0, time.perf_counter()
         self.bar.update(1)
 

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from ldm_jax import perf
 from ldm_jax import sharding as shd
 from ldm_jax.training import hooks as services
 from ldm_jax.training.objective import ConfigError, Hook, HookContext, Objective
@@ -82,9 +83,11 @@ def train(
         step_fn, keygen = trainer.jit_step(config.ema, mesh, state_sh, batch), trainer.keygen(mesh)
         writer = services.tensorboard(workdir)
         stack.callback(writer.close if writer is not None else lambda: None)
-        scalars = services.ScalarLog(writer, int(config.log_every), stop, config.global_batch_size)
+        first_call = perf.abstract_args(state, batch, keygen(state.rng, start))
+        scalars = services.ScalarLog(writer, int(config.log_every), stop, config.global_batch_size,
+                                     flops=lambda: perf.step_flops(step_fn, first_call))
         watch = services.MetricsWatch(bool(config.stop_on_nan), ckpt, listeners=[scalars.add])
-        hooks = [scalars, *_progress(config, start, total, stop), ckpt, *hooks]
+        hooks = [scalars, *_progress(config, start, total, stop, scalars), ckpt, *hooks]
         for h in hooks:
             stack.callback(h.close)
         preempt = stack.enter_context(services.Preemption())
@@ -132,7 +135,8 @@ def _start(trainer: Trainer, ckpt: services.Checkpoints, dataset: Any, mesh: Mes
     return trainer.prepare(state, batch, state_sh), batch, state_sh
 
 
-def _progress(config: ml_collections.ConfigDict, start: int, total: int, stop: int) -> list[Hook]:
+def _progress(config: ml_collections.ConfigDict, start: int, total: int, stop: int,
+              scalars: services.ScalarLog) -> list[Hook]:
     if not config.progress or jax.process_index() != 0:
         return []
-    return [services.ProgressBar(start, total, int(config.log_every), stop, config.global_batch_size)]
+    return [services.ProgressBar(start, total, int(config.log_every), stop, config.global_batch_size, scalars)]

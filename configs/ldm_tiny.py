@@ -36,7 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.ema.decay = 0.999
     c.checkpoint.every = 500
     if "test" in args:
-        c.image_size = 8
+        c.image_size = c.data.resolution = 8
         c.global_batch_size = 16
         # every optional piece of the objective on, so that the tests exercise them
         c.optim.grad_accum = 2

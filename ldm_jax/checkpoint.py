@@ -215,6 +215,15 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} holds a state of another shape ({len(diff)} arrays "
                 f"differ, e.g. {'; '.join(diff[:3])}); it was not changed")
 
+    def latest_intact_step(self) -> int | None:
+        """The newest checkpoint whose files pass `verify` (for readers: nothing is moved), or None."""
+        for step in reversed(self.all_steps()):
+            problems = verify(self.directory / str(step))
+            if not problems:
+                return step
+            log.warning("skipping damaged checkpoint step %d in %s (%s)", step, self.directory, "; ".join(problems[:3]))
+        return None
+
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, Any, dict] | None:
         """(step, state, data_state, meta) of the newest intact checkpoint, or None when there is none.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import re
 import sys
 
 import ml_collections
@@ -17,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ldm_jax import cli, evaluation, sharding
-from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.checkpoint import CheckpointSaveError, Checkpointer, DamagedCheckpointError
 from ldm_jax.data.builders import DataError
 from ldm_jax.training import eval_hook, loop, registry
 from ldm_jax.training.objective import ConfigError
@@ -68,12 +69,19 @@ def main(argv: list[str]) -> None:
         logging.getLogger("absl").setLevel(logging.WARNING)
     sharding.initialize_distributed()
     cli.enable_compile_cache()
-    cfg = flags.FLAGS.config
+    try:
+        cfg = flags.FLAGS.config
+        cfg.get("objective")  # ml_collections reports a config file it could not load only when first used
+    except OSError as e:
+        sys.exit(f"config error: {cli.one_line(e)}")
     try:
         run(cfg, flags.FLAGS.workdir)
     except (ConfigError, DataError) as e:
         logging.error("%s", e)
-        sys.exit(f"config error: {e}")
+        sys.exit(f"config error: {cli.one_line(e)}")
+    except (CheckpointSaveError, DamagedCheckpointError) as e:  # the run stopped; the message says how to go on
+        logging.error("%s", e)
+        sys.exit(f"checkpoint error: {cli.one_line(e)}")
 
 
 def _define_flags() -> None:
@@ -82,12 +90,30 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _flag_error(text: str) -> str:
+    """One line from absl's flag error; ml_collections embeds the config file's traceback: keep its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" not in text:
+        return " ".join(lines)
+    flag = re.match(r"flag (--\S+?): ", lines[0])
+    last = re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
+    return f"{flag.group(1)}: {last}" if flag else last
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, but a config file's own error (`:bogus` -> "unknown ldm_tiny arguments ...") or an
+    unknown --config.<key> ends the output as one `config error:` line instead of absl's usage hint."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"config error: {_flag_error(str(e))}")
+    except (KeyError, AttributeError) as e:  # ml_collections rejects an unknown --config.<key> while parsing flags
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        sys.exit(f"config error: unknown config key {str(e).strip(chr(34))} among {overrides}: check its spelling "
+                 "against the config file (configs are locked: a typo cannot silently add a new key)")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     _define_flags()
-    try:
-        app.run(main)
-    except (KeyError, AttributeError) as e:  # ml_collections rejects an unknown --config.<key> while parsing flags
-        overrides = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
-        sys.exit(f"config error: unknown config key {str(e).strip(chr(34))} among {overrides}: check its spelling "
-                 "against the config file (configs are locked: a typo cannot silently add a new key)")
+    app.run(main, flags_parser=_parse_flags)

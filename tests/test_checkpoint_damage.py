@@ -133,3 +133,14 @@ def test_failing_writer_raises_naming_the_directory_and_keeps_the_previous(tmp_p
     again.close()
     assert (step, data) == (1, {"index": 1})
     np.testing.assert_array_equal(np.asarray(state["w"]), big["w"])
+
+
+def test_readers_skip_a_damaged_newest(tmp_path, caplog):
+    ck_dir = tmp_path / "checkpoints"
+    _run(ck_dir)
+    _flip(ck_dir / "2")
+    ck = Checkpointer(ck_dir)
+    with caplog.at_level(logging.WARNING, logger="ldm_jax.checkpoint"):
+        assert ck.latest_intact_step() == 1 and ck.latest_step() == 2
+    ck.close()
+    assert "skipping damaged checkpoint step 2" in caplog.text and (ck_dir / "2").is_dir()  # readers move nothing

@@ -3,6 +3,7 @@ give the same losses as 1 process with 8 devices; a process that fails or dies s
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -26,17 +27,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    port = _free_port()
+def _workers(tmp_path, port, steps, every, out, extra_env=None) -> list[subprocess.Popen]:
     procs = []
     for pid in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        cmd = [sys.executable, str(HERE / "train_worker.py"), str(tmp_path / "mp"), "test", str(STEPS), "1000",
-               str(tmp_path / "mp.json"), "4,2,1"]
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid),
+               "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(extra_env or {})}
+        cmd = [sys.executable, str(HERE / "train_worker.py"), str(tmp_path / "mp"), "test", str(steps), str(every),
+               str(out), "4,2,1"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _finish(procs, timeout=600) -> list[str]:
     try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
+        return [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:
         pytest.fail("multi-process workers timed out")
     finally:
@@ -44,18 +50,61 @@ def test_two_processes_match_one_process(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+
+
+def _steps(ckdir: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in ckdir.glob("*") if p.name.isdigit()) if ckdir.exists() else []
+
+
+def test_two_processes_match_one_process_and_survive_kill9(tmp_path):
+    procs = _workers(tmp_path, _free_port(), STEPS, 1000, tmp_path / "mp.json")
+    outs = _finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     mp = json.loads((tmp_path / "mp.json").read_text())
     assert mp["processes"] == 2 and mp["devices"] == 8 and mp["step"] == STEPS
 
+    # kill -9 of process 1 while both train on (checkpoint every 2 steps): process 0 must not hang in a collective
+    heartbeat = 30  # a short bound, yet long enough for a loaded CI machine to keep its heartbeats
+    ck = tmp_path / "mp" / "checkpoints"
+    procs = _workers(tmp_path, _free_port(), 100_000, 2, tmp_path / "never.json", {"LDM_JAX_HEARTBEAT_TIMEOUT": str(heartbeat)})
+    try:
+        deadline = time.monotonic() + 600
+        while max(_steps(ck)) < STEPS + 1 and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.2)
+        if max(_steps(ck)) <= STEPS:
+            for p in procs:
+                p.kill()
+            pytest.fail("the resumed run saved no checkpoint: " + " | ".join(p.communicate()[0][-2000:] for p in procs))
+        procs[1].kill()
+        killed = time.monotonic()
+        out0 = procs[0].communicate(timeout=heartbeat + 60)[0]
+        took = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=30)
+    assert procs[0].returncode != 0 and took < heartbeat + 30, (took, out0[-3000:])
+    # JAX's heartbeat abort names the task (or our watchdog: the service went with it)
+    assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s+1\b|process\(es\) \[1\]|process 1\b", out0), out0[-3000:]
+
+    # re-running resumes from the newest complete checkpoint and continues exactly
+    resume_at = max(_steps(ck))
+    total = resume_at + 2
+    procs = _workers(tmp_path, _free_port(), total, 2, tmp_path / "resumed.json")
+    outs = _finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["start"] == resume_at and resumed["step"] == total
+
     # The reference: one process, 8 devices, the same (data 4 x fsdp 2) mesh and the same objective as
     # test_training's sharded test (its compiled step is reused when both run in one pytest process).
-    config = tiny_config("test", num_steps=STEPS, mesh=(4, 2, 1), **{"checkpoint.every": 1000})
+    config = tiny_config("test", num_steps=total, mesh=(4, 2, 1), **{"checkpoint.every": 1000})
     mesh = shd.mesh_from_config(config.mesh)
     single = loop.train(config, tmp_path / "sp", objective=shared_objective("test"), dataset=batches(config, mesh),
                         mesh=mesh)
-    np.testing.assert_allclose(mp["losses"], single.losses, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mp["losses"], single.losses[:STEPS], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(resumed["losses"], single.losses[resume_at:], rtol=1e-6, atol=1e-7)
 
 
 FAILING = r"""

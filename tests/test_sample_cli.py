@@ -109,7 +109,7 @@ def _bad_inputs(tmp):
         (dict(init_image=str(tmp / "nope.png")), "no image at"),
         (dict(init_image=str(tmp / "notes.txt")), "cannot read the image"),
         (dict(out=str(tmp / "notes.txt")), "is a file, not a folder"),
-        (dict(sampler="bogus"), "unknown sampler 'bogus'; choose one of"),
+        (dict(sampler="bogus"), "unknown sampler 'bogus'"),
         (dict(schedule="bogus"), "unknown schedule 'bogus'"),
         (dict(height=33), "multiples of 4"),
         (dict(steps=0), "steps must be >= 1"),

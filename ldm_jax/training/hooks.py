@@ -20,8 +20,9 @@ import ml_collections
 import numpy as np
 
 from ldm_jax import perf
-from ldm_jax.checkpoint import Checkpointer, abstract_with_shardings
-from ldm_jax.training.objective import Hook, HookContext, Objective
+from ldm_jax.checkpoint import CheckpointMismatchError, Checkpointer, abstract_with_shardings
+from ldm_jax.training import workdir as run_record
+from ldm_jax.training.objective import ConfigError, Hook, HookContext, Objective
 from ldm_jax.training.state import TrainState
 
 log = logging.getLogger("ldm_jax.train")
@@ -35,7 +36,7 @@ class Checkpoints(Hook):
         super().__init__(every=max(int(ck.every), 1), name="checkpoints")
         self.ckpt = Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep,
                                  keep_period=ck.keep_period or None, async_save=ck.async_save)
-        self.objective, self.dataset = objective, dataset
+        self.objective, self.dataset, self.workdir, self.config = objective, dataset, workdir, config
         self.meta = {"objective": objective.name, "config": json.loads(config.to_json_best_effort())}
         self.last_good: int | None = None  # set by `restore` and each completed save
 
@@ -46,7 +47,10 @@ class Checkpoints(Hook):
     def restore(self, abstract: TrainState, shardings: TrainState) -> TrainState | None:
         """The newest intact checkpoint's state on `shardings` (and the dataset's position), or None for a fresh
         run; a damaged newer checkpoint is set aside (`Checkpointer.restore_latest`)."""
-        found = self.ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
+        try:
+            found = self.ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
+        except CheckpointMismatchError as e:
+            raise ConfigError(run_record.other_run_message(self.workdir, self.config, str(e))) from None
         if found is None:
             return None
         self.last_good, state, data_state, _ = found
@@ -72,6 +76,10 @@ class Checkpoints(Hook):
         if self.last_good is None:
             return "no checkpoint was saved yet"
         return f"the last good checkpoint is step {self.last_good} in {self.directory}"
+
+    def check(self) -> None:
+        """Raises `CheckpointSaveError` once a background save has failed (cheap; the loop calls it every step)."""
+        self.ckpt.check()
 
     def close(self) -> None:
         """Waits for a save in flight and releases the manager (idempotent)."""

@@ -277,6 +277,11 @@ class LDMObjective(Objective):
                 check(self.config)
             except ConfigError as e:
                 problems.append(str(e))
+        size, resolution = int(self.config.image_size), int(self.config.data.resolution)
+        if size != resolution:  # neither wins: the latents would not fit the model, or the model not the data
+            problems.append(f"image_size={size} and data.resolution={resolution} differ: the model is built for "
+                            f"{size}x{size} images, the data pipeline delivers {resolution}x{resolution}; set both "
+                            "to the same value")
         if problems:
             raise ConfigError("\n  - ".join(["the config cannot run:"] + problems))
 

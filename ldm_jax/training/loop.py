@@ -15,20 +15,42 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from ldm_jax import perf
 from ldm_jax import sharding as shd
 from ldm_jax.training import hooks as services
+from ldm_jax.training import workdir as run_record
 from ldm_jax.training.objective import ConfigError, Hook, HookContext, Objective
+from ldm_jax.training.optim import optim_config_errors
 from ldm_jax.training.state import TrainState
 from ldm_jax.training.trainer import Trainer
 
 log = logging.getLogger("ldm_jax.train")
 
 
+def _loop_value_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """The loop's own keys (`objective.default_loop_config`) outside their valid range."""
+    def whole(key: str, value: Any, least: int) -> list[str]:
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
+        return [] if ok else [f"{key}={value!r} must be a whole number >= {least}"]
+
+    ck = config.checkpoint
+    errors = (whole("num_steps", config.num_steps, 1) + whole("global_batch_size", config.global_batch_size, 1)
+              + whole("log_every", config.log_every, 1) + whole("checkpoint.every", ck.every, 1)
+              + whole("checkpoint.keep", ck.keep, 0) + whole("checkpoint.keep_period", ck.keep_period or 0, 0))
+    if "optim" in config:
+        errors += optim_config_errors(config.optim)
+    return errors
+
+
 def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """Fails before compiling when the batch does not fit the mesh."""
+    """Fails before compiling on values out of range (naming the key and the range) or a batch that does not fit
+    the mesh."""
+    errors = _loop_value_errors(config)
+    if errors:
+        raise ConfigError("; ".join(errors))
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     accum = int(config.optim.grad_accum) if "optim" in config else 1
     b = int(config.global_batch_size)
@@ -80,6 +102,7 @@ def train(
         stack.callback(ckpt.close)
         state, batch, state_sh = _start(trainer, ckpt, dataset, mesh, int(config.seed))
         start = int(jax.device_get(state.step))
+        run_record.record_config(workdir, config, start)
         step_fn, keygen = trainer.jit_step(config.ema, mesh, state_sh, batch), trainer.keygen(mesh)
         writer = services.tensorboard(workdir)
         stack.callback(writer.close if writer is not None else lambda: None)
@@ -99,6 +122,7 @@ def train(
             ctx = HookContext(step, state, mesh, workdir, writer, objective, last=total, metrics=watch.latest)
             for h in due:
                 h(ctx)
+            ckpt.check()  # a background save that failed (disk full) stops the run now, not at the next save
             if preempt.requested():
                 watch.flush()
                 ckpt.save(step, state, force=True)
@@ -112,14 +136,19 @@ def train(
 
 
 def _setup(config, workdir, objective: Objective, mesh: Mesh | None) -> tuple[pathlib.Path, Mesh]:
-    """Checks the config against the mesh and the objective's files, writes WORKDIR/config.json."""
+    """Checks the workdir, the config against the mesh and the objective's files (config.json is written only
+    once the run is known to fit the workdir: `workdir.record_config` after the restore)."""
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh if mesh is not None else shd.mesh_from_config(config.mesh)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a new or existing directory")
+    if mesh is None:
+        try:
+            mesh = shd.mesh_from_config(config.mesh)
+        except ValueError as e:
+            raise ConfigError(f"mesh={tuple(config.mesh)} does not fit the {jax.device_count()} devices: {e}") from None
     check_config(config, mesh)
     objective.validate(mesh)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    workdir.mkdir(parents=True, exist_ok=True)
     return workdir, mesh
 
 

@@ -62,6 +62,45 @@ def default_optim_config() -> ml_collections.ConfigDict:
     )
 
 
+def optim_config_errors(cfg: ml_collections.ConfigDict, prefix: str = "optim") -> list[str]:
+    """What is wrong with an optimizer block, one `key=value: valid range` line each (empty when fine).
+
+    optax takes any number (a negative learning rate ascends the loss, 0 trains nothing), so the loop
+    checks these before compiling.
+    """
+    def num(key):
+        try:
+            v = float(cfg[key])
+        except (TypeError, ValueError):
+            return None
+        return v if math.isfinite(v) else None
+
+    rules = [  # (key, test, the valid range as the message says it)
+        ("lr", lambda v: v > 0, "a finite number > 0, e.g. 1e-4"),
+        ("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("eps", lambda v: v > 0, "> 0"),
+        ("weight_decay", lambda v: v >= 0, ">= 0"),
+        ("clip_norm", lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+        ("warmup_steps", lambda v: v >= 0 and v == int(v), "a whole number >= 0"),
+        ("grad_accum", lambda v: v >= 1 and v == int(v), "a whole number >= 1"),
+        ("f_start", lambda v: v >= 0, ">= 0"), ("f_max", lambda v: v > 0, "> 0"), ("f_min", lambda v: v >= 0, ">= 0"),
+    ]
+    if cfg.get("schedule") == "ldm_cosine":
+        rules.append(("decay_steps", lambda v: v >= 1 and v == int(v), "a whole number >= 1 with schedule=ldm_cosine"))
+    if cfg.get("schedule") == "sd_linear":
+        rules.append(("cycle_length", lambda v: v >= 1, ">= 1 with schedule=sd_linear"))
+    errors = []
+    for key, ok, valid in rules:
+        if key in cfg and (num(key) is None or not ok(num(key))):
+            errors.append(f"{prefix}.{key}={cfg[key]!r} must be {valid}")
+    if cfg.get("schedule") not in SCHEDULES:
+        errors.append(f"{prefix}.schedule={cfg.get('schedule')!r} must be one of {', '.join(SCHEDULES)}")
+    if cfg.get("name") not in ("adamw", "adam"):
+        errors.append(f"{prefix}.name={cfg.get('name')!r} must be 'adamw' or 'adam'")
+    return errors
+
+
 def base_lr(cfg: ml_collections.ConfigDict, global_batch_size: int) -> float:
     """The base learning rate, scaled by `grad_accum * global_batch_size` when `scale_lr` is on (LDM main.py)."""
     return cfg.lr * cfg.grad_accum * global_batch_size if cfg.scale_lr else cfg.lr

@@ -22,9 +22,9 @@ import zlib
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
+
+from ldm_jax import distributed
 
 log = logging.getLogger(__name__)
 
@@ -292,19 +292,30 @@ class Checkpointer:
             log.debug("closing after the failed save", exc_info=True)
 
 
+_VOTES = {"n": 0}
+_VOTE_TIMEOUT_MS = 30 * 60 * 1000  # processes reach a restore minutes apart on a loaded machine
+
+
 def _agree(problems: list[str]) -> list[str]:
-    """The same verdict on every process (any process' problems count for all), so none restores alone."""
+    """The same verdict on every process (any process' problems count for all), so none restores alone.
+
+    Votes go through the coordination service's key-value store, not a device collective: no compile, and no
+    gloo deadline when the processes arrive at the restore far apart."""
     if jax.process_count() == 1:
         return problems
-    bad = multihost_utils.process_allgather(np.int32(bool(problems)))
-    if problems or not np.any(bad):
+    client = distributed.client()
+    _VOTES["n"] += 1
+    key = f"ldm_jax/checkpoint_vote/{_VOTES['n']}/"
+    client.key_value_set(f"{key}{jax.process_index()}", "1" if problems else "0")
+    bad = [i for i in range(jax.process_count()) if client.blocking_key_value_get(f"{key}{i}", _VOTE_TIMEOUT_MS) == "1"]
+    if problems or not bad:
         return problems
-    return [f"process(es) {np.flatnonzero(bad).tolist()} could not read it"]
+    return [f"process(es) {bad} could not read it"]
 
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(name)
+        distributed.client().wait_at_barrier(name, _VOTE_TIMEOUT_MS)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -44,7 +44,8 @@ def heartbeat_timeout() -> int:
     return seconds
 
 
-def _client():
+def client():
+    """The coordination service's client of this process (key-value store, barriers); None when single-process."""
     return _jax_distributed.global_state.client
 
 
@@ -81,7 +82,7 @@ def fail(reason: str, code: int = 1) -> None:
     me = jax.process_index()
     _state["exiting"] = True
     try:
-        _client().key_value_set(f"{_KEY}{me}", f"process {me} failed: {reason}")
+        client().key_value_set(f"{_KEY}{me}", f"process {me} failed: {reason}")
         if me == 0:  # the service lives in this process: give the others time to read the line
             time.sleep(3 * _POLL_S)
     except Exception:  # noqa: BLE001 - the service may already be gone; exiting matters more
@@ -95,7 +96,7 @@ def _peer_failures() -> list[str] | None:
     """What other processes published as their failure; None when the coordination service is unreachable."""
     me = jax.process_index()
     try:
-        return [value for key, value in sorted(_client().key_value_dir_get(_KEY)) if key.rsplit("/", 1)[-1] != str(me)]
+        return [value for key, value in sorted(client().key_value_dir_get(_KEY)) if key.rsplit("/", 1)[-1] != str(me)]
     except Exception:  # noqa: BLE001
         return None
 
@@ -119,7 +120,7 @@ def watch() -> None:
     # A clean exit must not look like a failure to the peers still finishing: stop watching first.
     atexit.register(lambda: _state.update(exiting=True))
     sys.excepthook = _excepthook
-    threading.Thread(target=_watch, args=(_client(),),
+    threading.Thread(target=_watch, args=(client(),),
                      name="ldm_jax-peer-watch", daemon=True).start()
 
 

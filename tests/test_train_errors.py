@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 from ldm_jax import sharding as shd

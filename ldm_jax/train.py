@@ -8,11 +8,14 @@ as its frozen first stage (with `scale_by_std` when the config asks for it).
 """
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import re
 import sys
+import time
 
+import jax
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,6 +25,7 @@ from ldm_jax.checkpoint import CheckpointSaveError, Checkpointer, DamagedCheckpo
 from ldm_jax.data.builders import DataError
 from ldm_jax.training import eval_hook, loop, registry
 from ldm_jax.training.objective import ConfigError
+from ldm_jax.training.timing import StageTimes, timed_hooks
 
 
 def first_stage_done(workdir: pathlib.Path, num_steps: int) -> bool:
@@ -35,30 +39,54 @@ def first_stage_done(workdir: pathlib.Path, num_steps: int) -> bool:
         ckpt.close()
 
 
-def train_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.TrainResult:
-    """One training run: the objective named by the config, with its own hooks, in `workdir`."""
+def train_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, times: StageTimes | None = None,
+                name: str = "training") -> loop.TrainResult:
+    """One training run: the objective named by the config, with its own hooks, in `workdir`.
+
+    With `times`, its wall time is split into `name/...` stages: the data pipeline's open (and cache build),
+    the waits for batches, the first step (trace + compile), the steps, each hook."""
     objective = registry.make_objective(config, workdir)
     hooks = [*objective.hooks(), *eval_hook.eval_hooks(config, objective, workdir)]  # config.eval: FID/KID/CLIP
-    return loop.train(config, workdir, objective, hooks=hooks)
+    if times is None:
+        return loop.train(config, workdir, objective, hooks=hooks)
+    mesh = sharding.mesh_from_config(config.mesh)
+    with times(f"{name}/data: open (+ cache build)"):
+        dataset = objective.make_dataset(mesh)
+    try:
+        return loop.train(config, workdir, objective, hooks=timed_hooks(hooks, times, name, f"{name}/data"),
+                          dataset=times.wrap(dataset, f"{name}/data"), mesh=mesh)
+    finally:
+        getattr(dataset, "close", lambda: None)()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.TrainResult:
-    """Runs (or resumes) the whole job of `config` in `workdir`; returns the final stage's TrainResult."""
-    workdir = pathlib.Path(workdir)
+    """Runs (or resumes) the whole job of `config` in `workdir`; returns the final stage's TrainResult.
+
+    Ends with a table of where the wall time went, printed and kept as WORKDIR/timing.json."""
+    workdir, times, t0 = pathlib.Path(workdir), StageTimes(), time.perf_counter()
     fs_cfg = config.get("first_stage_train")
+    name = "stage 2" if fs_cfg is not None else "training"
     if fs_cfg is not None:
         fs_dir = workdir / "first_stage"
         if first_stage_done(fs_dir, int(fs_cfg.num_steps)):
             logging.info("first stage already trained in %s; skipping to the LDM stage", fs_dir)
         else:
             logging.info("stage 1/2: training the first stage in %s", fs_dir)
-            train_stage(fs_cfg, fs_dir)
+            with times("stage 1"):
+                train_stage(fs_cfg, fs_dir, times, "stage 1")
         with config.unlocked():
             config.first_stage.checkpoint = str(fs_dir)
         logging.info("stage 2/2: training the latent diffusion model in %s", workdir)
-    result = train_stage(config, workdir)
+    with times(name):
+        result = train_stage(config, workdir, times, name)
     if config.get("final_eval") is not None:  # e.g. configs/shapes.py: score held-out prompts -> WORKDIR/eval.json
-        evaluation.run_final_eval(config, workdir)
+        with times("final eval"):
+            evaluation.run_final_eval(config, workdir)
+    if jax.process_index() == 0:
+        wall = time.perf_counter() - t0
+        print(times.summary(total=wall, title="time per stage"), flush=True)
+        (workdir / "timing.json").write_text(
+            json.dumps({"wall_seconds": round(wall, 2), "stages": times.to_dict()}, indent=2) + "\n")
     return result
 
 

@@ -26,6 +26,14 @@ def test_main_job_smoke_leaves_scores_samples_and_logs(tmp_path):
     assert ev["in_distribution"]["num_samples"] == 4 and set(ev["heldout"]) >= {"color", "shape", "size", "position",
                                                                                 "background", "all"}
     assert "in_distribution (4 samples): color" in out.stdout + out.stderr
+    timing = json.loads((wd / "timing.json").read_text())  # the per-stage table printed at the end
+    stages = timing["stages"]
+    assert "time per stage" in out.stdout and stages["stage 2/steps"]["count"] == 3  # 4 steps: 1 first + 3
+    assert stages["stage 1/first step (trace + compile)"]["count"] == 1 and stages["stage 2/data"]["count"] == 4
+    assert stages["stage 2/hook: samples"]["count"] == 1 and stages["final eval"]["count"] == 1
+    top = sum(v["seconds"] for k, v in stages.items() if "/" not in k)
+    assert top <= timing["wall_seconds"] and sum(v["seconds"] for k, v in stages.items() if k.startswith("stage 2/")) \
+        <= stages["stage 2"]["seconds"] + 0.01
 
     ae = [json.loads(line) for line in (wd / "first_stage" / "reconstructions" / "metrics.jsonl").read_text().splitlines()]
     assert ae[-1]["step"] == 4 and 0.0 <= ae[-1]["color_kept"] <= 1.0 and ae[-1]["psnr"] > 0

@@ -15,7 +15,7 @@ import numpy as np
 from flax import linen as nn
 
 from ldm_jax.data import latent_cache as lc
-from ldm_jax.data.pipeline import crop_and_flip, data_source, decode_image
+from ldm_jax.data.pipeline import _caption, crop_and_flip, data_source, decode_image
 from ldm_jax.training import ldm_io
 from ldm_jax.training.objective import ConfigError
 
@@ -48,21 +48,12 @@ def _reader(config: Any):
         out = {"image": np.stack([crop_and_flip(decode_image(r[d.image_key], d.resolution), d.resolution, None,
                                                 random_crop=False, flip=False) for r in rows])}
         if d.caption_key:
-            out["caption"] = np.asarray([_first_caption(r, d.caption_key) for r in rows])
+            out["caption"] = np.asarray([_caption(r, d.caption_key, None) for r in rows])  # the first one
         if d.label_key:
             out["label"] = np.asarray([int(r[d.label_key]) for r in rows], np.int32)
         return out
 
     return source, read
-
-
-def _first_caption(row: dict, key: str) -> str:
-    value: Any = row
-    for part in key.split("/"):
-        value = value[part]
-    if isinstance(value, (list, tuple, np.ndarray)):
-        value = value[0] if len(value) else ""
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _encoder(objective: Any, params: Any, batch: int):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
+
+from ldm_jax.training.objective import Hook, HookContext
 
 
 class StageTimes:
@@ -105,3 +107,29 @@ class StepTimer:
             self.others_last = others
         self.times.add(self.first_name if first else self.steps_name, max(now - start - (others - self.others_last), 0.0))
         self.t_last, self.others_last = time.perf_counter(), others
+
+
+class TimedHook(Hook):
+    """A loop hook whose calls are timed into `times` under `label` (schedule, sync and close are the inner's)."""
+
+    def __init__(self, inner: Hook, times: StageTimes, label: str):
+        super().__init__(every=inner.every, name=inner.name, at_end=inner.at_end)
+        self.inner, self.times, self.label = inner, times, label
+        self.sync = inner.sync
+
+    def due(self, step: int, last: int) -> bool:
+        return self.inner.due(step, last)
+
+    def __call__(self, ctx: HookContext) -> None:
+        with self.times(self.label):
+            self.inner(ctx)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def timed_hooks(hooks: Sequence[Hook], times: StageTimes, prefix: str, data_name: str) -> list[Hook]:
+    """`hooks` each timed as `prefix/hook: <name>`, then a `StepTimer` (every step, no metrics sync)."""
+    timer = Hook(every=1, fn=StepTimer(times, prefix, data_name), name="timing", at_end=False)
+    timer.sync = False  # reading each step's metrics would make the host wait for every step
+    return [*(TimedHook(h, times, f"{prefix}/hook: {h.name}") for h in hooks), timer]

@@ -82,6 +82,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.
     if config.get("final_eval") is not None:  # e.g. configs/shapes.py: score held-out prompts -> WORKDIR/eval.json
         with times("final eval"):
             evaluation.run_final_eval(config, workdir)
+    for top in [k for k in times.seconds if "/" not in k and times.total(k) > 0]:  # what the parts do not cover
+        times.add(f"{top}/rest: setup, state init, restore, saves", max(times.seconds[top] - times.total(top), 0.0))
     if jax.process_index() == 0:
         wall = time.perf_counter() - t0
         print(times.summary(total=wall, title="time per stage"), flush=True)

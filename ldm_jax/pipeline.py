@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import logging
 import math
 import os
 import pathlib
@@ -26,8 +28,11 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from ldm_jax import pipeline_lora, sampling, sharding
+from ldm_jax import conditioning, pipeline_lora, sampling, sharding
 from ldm_jax.diffusion import denoisers, schedules
+from ldm_jax.interop import sdxl as sdxl_io
+
+log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -74,7 +79,7 @@ class SchedulerConfig:
 
 def _as_host_ids(tokenizer: Callable[[Sequence[str]], np.ndarray], texts: Sequence[str]) -> np.ndarray:
     ids = np.asarray(tokenizer(list(texts)), dtype=np.int32)
-    if ids.ndim != 2 or ids.shape[0] != len(texts):
+    if ids.ndim not in (2, 3) or ids.shape[0] != len(texts):  # (B, towers, L) for several text towers (SDXL)
         raise ValueError(f"tokenizer returned shape {ids.shape} for {len(texts)} texts; expected (B, L)")
     return ids
 
@@ -105,6 +110,7 @@ class _Static:
     from_image: bool  # start from the noised image latents (strength < 1) rather than pure noise
     has_latents: bool
     output: str
+    continues: bool = False  # `latents` are a previous stage's partly denoised output (denoising_start)
 
 
 class Pipeline:
@@ -142,6 +148,11 @@ class Pipeline:
         # Image side used when generate() gets no height/width (SD1: 512; our small models: their data size).
         # Not the VAE's `resolution`: that is the CompVis training value (256 for SD's VAE), not an image size.
         self.default_size = int(default_size or 512)
+        # SDXL: the negative embeddings are zeros when no negative prompt is given (diffusers'
+        # force_zeros_for_empty_prompt); the VAE decodes in float32 when its compute dtype is float16
+        self.force_zeros_for_empty_prompt = False
+        self.upcast_vae = True
+        self.family = "ldm"
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -161,7 +172,7 @@ class Pipeline:
         from ldm_jax.models import autoencoder, text, unet
 
         vae = autoencoder.build_autoencoder(dict(vae_kwargs))
-        text_module = None if text_kwargs is None else text.CLIPTextTransformer(**text_kwargs)
+        text_module = None if text_kwargs is None else text.build_text_encoder(text_kwargs)
         return cls(unet.UNet(**unet_kwargs), vae, text_module, tokenizer, scheduler, params, mesh=mesh,
                    default_size=default_size)
 
@@ -196,41 +207,62 @@ class Pipeline:
         return sampling.schedule_sigmas(schedule, steps, levels).astype(np.float32)
 
     # ------------------------------------------------------------------ the program
-    def _denoiser(self, params: dict, uncond_ctx, cond_ctx, guidance: jax.Array, extra: jax.Array | None):
-        """D(x, σ) of the UNet, with classifier-free guidance when there is a context (one batched call)."""
+    def _denoiser(self, params: dict, uncond_ctx, cond_ctx, guidance: jax.Array, extra: jax.Array | None,
+                  uncond_y: jax.Array | None = None, cond_y: jax.Array | None = None):
+        """D(x, σ) of the UNet, with classifier-free guidance when there is a context (one batched call);
+        `cond_y`/`uncond_y`: SDXL's added-conditioning vectors."""
         unet = self.unet
 
-        def model_fn(x_in: jax.Array, t: jax.Array, context=None, extra=None) -> jax.Array:
+        def model_fn(x_in: jax.Array, t: jax.Array, context=None, extra=None, y=None) -> jax.Array:
             if extra is not None:  # concat-conditioning (SD inpainting): [x, mask, masked-image latents]
                 x_in = jnp.concatenate([x_in, extra.astype(x_in.dtype)], axis=-1)
-            return unet.apply({"params": params["unet"]}, x_in, t, context)
+            return unet.apply({"params": params["unet"]}, x_in, t, context, y)
 
         pred = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[self.scheduler.prediction_type]
         denoiser = denoisers.DiscreteDenoiser(model_fn, self.alphas_cumprod, pred)
         if cond_ctx is None:
             return functools.partial(denoiser, extra=extra) if extra is not None else denoiser
         extra_kw = {} if extra is None else {"extra": extra}
-        return denoisers.CFGDenoiser(denoiser, {"context": cond_ctx, **extra_kw}, {"context": uncond_ctx, **extra_kw},
-                                     scale=guidance)
+        cond_kw, uncond_kw = ({}, {}) if cond_y is None else ({"y": cond_y}, {"y": uncond_y})
+        return denoisers.CFGDenoiser(denoiser, {"context": cond_ctx, **extra_kw, **cond_kw},
+                                     {"context": uncond_ctx, **extra_kw, **uncond_kw}, scale=guidance)
 
-    def _encode_text(self, params: dict, ids: jax.Array) -> jax.Array:
-        hidden, _ = self.text_encoder.apply({"params": params["text"]}, ids)
-        return hidden
+    def _encode_text(self, params: dict, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.text_encoder.apply({"params": params["text"]}, ids)
+
+    def _sdxl_cond(self, params, ids, added, batch):
+        """(uncond ctx, cond ctx, uncond y, cond y): both halves' text, SDXL's zeroed negatives, micro-conditioning."""
+        ctx, pooled = self._encode_text(params, ids)
+        if added is None:
+            return ctx[:batch], ctx[batch:], None, None
+        keep = added["keep"].astype(ctx.dtype)  # 0: force_zeros_for_empty_prompt
+        uncond_ctx, uncond_pooled = ctx[:batch] * keep[:, None, None], pooled[:batch] * keep[:, None]
+        return (uncond_ctx, ctx[batch:], self.unet.added_cond(uncond_pooled, added["uncond"]),
+                self.unet.added_cond(pooled[batch:], added["cond"]))
+
+    def _vae(self, params: dict) -> tuple[nn.Module, Any]:
+        """The VAE and its params, in float32 when it computes in float16 (SDXL's VAE overflows there)."""
+        if self.upcast_vae and jnp.dtype(getattr(self.vae, "dtype", jnp.float32)) == jnp.float16:
+            f32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params["vae"])
+            return self.vae.clone(dtype=jnp.float32), f32
+        return self.vae, params["vae"]
 
     def _decode(self, params: dict, z: jax.Array, scale: jax.Array | float) -> jax.Array:
         z = z / scale
+        vae, vae_params = self._vae(params)
         if self._is_vq:  # LDM decodes VQ samples through the codebook (VQModelInterface.decode)
-            img = self.vae.apply({"params": params["vae"]}, z, quantize=True, method="decode")
+            img = vae.apply({"params": vae_params}, z, quantize=True, method="decode")
         else:
-            img = self.vae.apply({"params": params["vae"]}, z, method="decode")
+            img = vae.apply({"params": vae_params}, z, method="decode")
         return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     def _encode_image(self, params: dict, img: jax.Array, scale: jax.Array | float | None = None) -> jax.Array:
         """Latents of images in [-1, 1]: the posterior mean (KL) or pre-quantization code (VQ), times scale."""
+        vae, vae_params = self._vae(params)
         if self._is_vq:
-            z = self.vae.apply({"params": params["vae"]}, img, method="encode_latent")
+            z = vae.apply({"params": vae_params}, img, method="encode_latent")
         else:
-            z = self.vae.apply({"params": params["vae"]}, img, method="encode").mode()
+            z = vae.apply({"params": vae_params}, img, method="encode").mode()
         return z * (self.scheduler.scale_factor if scale is None else scale)
 
     def _program(self, st: _Static) -> Callable:
@@ -243,14 +275,14 @@ class Pipeline:
         shape = (st.batch, h, w, self.latent_channels)
 
         # scale: the latent scale factor is an argument, so a run's scale_by_std value never goes stale.
-        def program(params, cond_ids, uncond_ids, guidance, keys, latents, sigmas, image, mask, scale):
+        def program(params, cond_ids, uncond_ids, guidance, keys, latents, sigmas, image, mask, scale, added):
             self.trace_count += 1  # runs at trace time only
             params = pipeline_lora.apply(params)  # the attached LoRAs, at their (traced) scales
             keys = jax.random.wrap_key_data(keys)
-            cond_ctx = uncond_ctx = None
+            cond_ctx = uncond_ctx = cond_y = uncond_y = None
             if self.text_encoder is not None:
-                ctx = self._encode_text(params, jnp.concatenate([uncond_ids, cond_ids], axis=0))
-                uncond_ctx, cond_ctx = ctx[: st.batch], ctx[st.batch :]
+                ids = jnp.concatenate([uncond_ids, cond_ids], axis=0)
+                uncond_ctx, cond_ctx, uncond_y, cond_y = self._sdxl_cond(params, ids, added, st.batch)
             # One key per image: its noise does not depend on the batch it lands in.
             if st.has_latents:
                 noise = latents
@@ -265,13 +297,15 @@ class Pipeline:
                 if self._concat_inpainting:
                     # SD-inpainting UNets take [x, mask, masked-image latents] (9 channels for SD).
                     extra = jnp.concatenate([m, self._encode_image(params, image * (mask[..., None] < 0.5), scale)], -1)
-            denoise = self._denoiser(params, uncond_ctx, cond_ctx, guidance, extra)
+            denoise = self._denoiser(params, uncond_ctx, cond_ctx, guidance, extra, uncond_y, cond_y)
             if st.mode == "inpaint" and extra is None:
                 # Plain UNets: the known region's x0 is the image's (denoiser-level masking), so any sampler works
                 # (CFG++ included: the mask keeps with_uncond).
                 denoise = denoisers.MaskedDenoiser(denoise, m, init)
             s0 = sigmas[0]
-            if st.from_image:
+            if st.continues:  # a previous stage's VP-scale output at σ_0 (base -> refiner hand-off)
+                x = latents * jnp.sqrt(1 + s0**2)
+            elif st.from_image:
                 x = init + noise * s0
             else:
                 x = noise * (jnp.sqrt(1 + s0**2) if info.space == "vp" else s0)
@@ -343,9 +377,12 @@ class Pipeline:
         params: Mapping[str, Any] | None = None,
         output: str = "uint8",
         progress: bool = False,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
         _image: np.ndarray | None = None,
         _mask: np.ndarray | None = None,
         _strength: float = 1.0,
+        **micro: Any,
     ) -> np.ndarray:
         """Samples images: (N, H, W, 3) uint8 (`output="float"`: float32 in [0, 1]; "latent": latents).
 
@@ -353,7 +390,16 @@ class Pipeline:
         `seed` is an int or a PRNG key; image j draws its noise from fold_in(key, j), so it does not
         depend on `batch_size` (except with the SDE samplers' Brownian tree). `latents` (N, h, w, C)
         replaces the initial unit Gaussian noise (for parity with other implementations).
+
+        SDXL models take diffusers' micro-conditioning keywords (`original_size`, `crops_coords_top_left`,
+        `target_size`, `aesthetic_score` and their `negative_` forms; see `conditioning.micro_ids`) and
+        zero the negative embeddings when `negative_prompts` is None and the model says so
+        (force_zeros_for_empty_prompt). Hand-off (diffusers' "ensemble of experts"): `denoising_end=f`
+        stops where the timestep falls below T·(1−f) (use output="latent"); `denoising_start=f` with
+        `latents=` that output runs the rest of the same schedule (e.g. on the refiner).
         """
+        if micro and self.unet.adm_in_channels is None:
+            raise ValueError(f"{sorted(micro)}: micro-conditioning is for SDXL-style UNets (adm_in_channels set)")
         if output not in ("uint8", "float", "latent"):
             raise ValueError(f"output must be 'uint8', 'float' or 'latent', got {output!r}")
         sampling.sampler_info(sampler)  # unknown names fail here, with the list
@@ -381,6 +427,14 @@ class Pipeline:
         hw = (height // f, width // f)
 
         sigmas = self.sigmas(schedule, steps, sampler)
+        if denoising_start is not None or denoising_end is not None:
+            if _image is not None:
+                raise ValueError("denoising_start/denoising_end hand off latents: not with img2img/inpaint images")
+            if denoising_start is not None and latents is None:
+                raise ValueError("denoising_start needs latents= (the previous stage's output='latent' result)")
+            first, last = conditioning.handoff_steps(self._timesteps(sigmas[:-1]), self.scheduler.num_train_timesteps,
+                                                     denoising_start=denoising_start, denoising_end=denoising_end)
+            sigmas = sigmas[first:last + 1]
         mode = "txt2img" if _image is None else ("inpaint" if _mask is not None else "img2img")
         from_image = mode != "txt2img" and _strength < 1.0
         if mode != "txt2img":
@@ -401,9 +455,10 @@ class Pipeline:
             if latents.shape != want:
                 raise ValueError(f"latents have shape {latents.shape}, expected {want}")
         images = self._prepare_images(_image, _mask, n, height, width)
+        added = self._added(micro, height, width, zero=negative_prompts is None and self.force_zeros_for_empty_prompt)
 
         st = _Static(sampler, tuple(sorted((sampler_options or {}).items())), len(sigmas), bs, hw, mode,
-                     from_image, latents is not None, output)
+                     from_image, latents is not None, output, continues=denoising_start is not None)
         program = self._program(st)
         key = jax.random.key(seed) if isinstance(seed, int) else seed
         bsh = lambda nd: sharding.batch_sharding(self.mesh, nd)  # noqa: E731
@@ -419,8 +474,8 @@ class Pipeline:
             unc = self._ids([negs[j] for j in idx]) if prompt_list is not None else None
             args = [
                 params,
-                None if cond is None else _global(cond, bsh(2)),
-                None if unc is None else _global(unc, bsh(2)),
+                None if cond is None else _global(cond, bsh(cond.ndim)),
+                None if unc is None else _global(unc, bsh(unc.ndim)),
                 jnp.float32(guidance_scale),
                 _global_keys(key, idx, self.mesh),
                 None if latents is None else _global(latents[idx], bsh(4)),
@@ -428,6 +483,8 @@ class Pipeline:
                 None if images[0] is None else _global(images[0][idx], bsh(4)),
                 None if images[1] is None else _global(images[1][idx], bsh(3)),
                 jnp.float32(self.scheduler.scale_factor),
+                None if added is None else {k: _global(np.broadcast_to(v, (bs, *v.shape[1:])), bsh(v.ndim))
+                                            for k, v in added.items()},
             ]
             res = _fetch(program(*args))
             out.append(res[: min(bs, n - start)])
@@ -459,6 +516,23 @@ class Pipeline:
     # ------------------------------------------------------------------ helpers
     def _ids(self, texts: Sequence[str]) -> np.ndarray:
         return _as_host_ids(self.tokenizer, texts)
+
+    def _timesteps(self, sigmas: np.ndarray) -> np.ndarray:
+        """The (fractional) training timestep of each σ > 0 (interpolated in log σ, as k-diffusion's sigma_to_t)."""
+        return np.interp(np.log(sigmas), np.log(self.model_sigmas), np.arange(len(self.model_sigmas)))
+
+    def _added(self, micro: Mapping[str, Any], height: int, width: int, zero: bool) -> dict | None:
+        """SDXL's traced extras: micro-conditioning rows {cond, uncond} (1, n) and keep (1,) of the negatives."""
+        if self.unet.adm_in_channels is None or self.text_encoder is None:
+            return None
+        known = set(inspect.signature(conditioning.micro_ids).parameters) - {"n_ids", "height", "width"}
+        if set(micro) - known:
+            raise TypeError(f"unknown generate() arguments {sorted(set(micro) - known)}; micro-conditioning takes "
+                            f"{sorted(known)}")
+        n_ids = conditioning.n_micro_ids(self.unet.adm_in_channels, self.text_encoder.pooled_dim,
+                                         self.unet.addition_time_embed_dim)
+        cond, uncond = conditioning.micro_ids(n_ids, height, width, **micro)
+        return {"cond": cond[None], "uncond": uncond[None], "keep": np.full((1,), 0.0 if zero else 1.0, np.float32)}
 
     def _prepare_images(self, image, mask, n, height, width):
         if image is None:
@@ -514,7 +588,20 @@ def from_pretrained_struct(p: Any, *, tokenizer: Any = None, mesh: Mesh | None =
     from ldm_jax.data import tokenizers
 
     tok = None
-    if p.text_kwargs is not None:
+    towers = (p.text_kwargs or {}).get("encoders")
+    if towers is not None:  # SDXL: one tokenizer per tower (a dict, or a diffusers SDXL folder for single files)
+        dirs = p.tokenizer_dir
+        if tokenizer is not None and isinstance(tokenizer, (str, os.PathLike)):
+            root = pathlib.Path(tokenizer)
+            dirs = {n: str(root / sdxl_io.TOKENIZERS[n]) for n in towers}
+        elif tokenizer is not None:
+            dirs = tokenizer
+        if not dirs or set(dirs) != set(towers):
+            raise ValueError(f"this SDXL checkpoint's towers {sorted(towers)} need their tokenizers: pass tokenizer="
+                             "a diffusers SDXL folder (with tokenizer/ and tokenizer_2/) or {tower: tokenizer}")
+        tok = conditioning.MultiTokenizer({n: tokenizers.load_tokenizer(d) if isinstance(d, (str, os.PathLike)) else d
+                                           for n, d in ((n, dirs[n]) for n in towers)})
+    elif p.text_kwargs is not None:
         if tokenizer is not None:
             tok = tokenizers.load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         elif p.tokenizer_dir is not None:
@@ -527,6 +614,9 @@ def from_pretrained_struct(p: Any, *, tokenizer: Any = None, mesh: Mesh | None =
     pipe = Pipeline.from_configs(p.unet_kwargs, p.vae_kwargs, p.text_kwargs, tok, p.scheduler, p.params, mesh=mesh)
     f = pipe.downsample
     pipe.default_size = int(p.sample_size * f) if p.sample_size else pipe.default_size
+    pipe.force_zeros_for_empty_prompt = bool(p.options.get("force_zeros_for_empty_prompt", False))
+    pipe.family = p.family
+    log.info("loaded a %s model (%s)", p.family, "text towers " + ", ".join(towers) if towers else "UNet + VAE")
     return pipe
 
 

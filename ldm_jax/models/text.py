@@ -123,6 +123,11 @@ class CLIPTextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    @property
+    def pooled_dim(self) -> int:
+        """Width of `pooled` (the projection's, else the tower's)."""
+        return int(self.projection_dim or self.width)
+
     def _check(self) -> None:
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
@@ -191,6 +196,11 @@ class TextEncoders(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of `pooled` (the last tower's)."""
+        return CLIPTextTransformer(**list(self.encoders.values())[-1]).pooled_dim
 
     @property
     def width(self) -> int:

@@ -2,7 +2,7 @@
 folders) and tests/goldens/tiny_sdxl_ref.npz (what transformers/diffusers compute with them).
 
 Needs torch + diffusers + transformers (requirements-dev.txt). Run from the repo root:
-    python3 tests/goldens/make_tiny_sdxl.py
+    python3 tests/goldens/make_tiny_sdxl.py [--refs-only]
 The folders are what `StableDiffusionXLPipeline.save_pretrained` / `StableDiffusionXLImg2ImgPipeline`
 write, in float16: the base UNet is ldm_jax's "sdxl-tiny" preset (no attention at the top level,
 text_time conditioning, 4 GroupNorm groups), two 3-layer width-16 text towers (CLIPTextModel, quick_gelu,
@@ -143,25 +143,27 @@ def make_refs() -> dict:
         latents = rng.standard_normal((2, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
         out["latents"] = latents.transpose(0, 2, 3, 1)
         euler = base.scheduler
-        ddim = DDIMScheduler.from_config(base.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+        # DDIM swapped in from the folder's Euler config (which has no set_alpha_to_one: DDIM's default True)
+        ddim = DDIMScheduler.from_config(base.scheduler.config, clip_sample=False)
         for sched_name, sched in (("ddim", ddim), ("euler", euler)):
             base.scheduler = sched
             for neg_name, neg in (("zeros", None), ("neg", NEGATIVE)):
-                lat = torch.from_numpy(latents) * sched.init_noise_sigma
+                # the pipeline scales the given latents by init_noise_sigma (Euler "leading": sqrt(1 + σ_max²))
                 img = base(PROMPTS, negative_prompt=neg, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                           latents=lat.clone(), height=SIZE, width=SIZE, output_type="np").images
+                           latents=torch.from_numpy(latents), height=SIZE, width=SIZE, output_type="np").images
                 out[f"images_{sched_name}_{neg_name}"] = np.asarray(img, np.float32)
         base.scheduler = EulerDiscreteScheduler.from_config(euler.config)
         # micro-conditioning that differs from the defaults
-        lat = torch.from_numpy(latents) * base.scheduler.init_noise_sigma
-        img = base(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=lat.clone(), height=SIZE,
+        img = base(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=torch.from_numpy(latents), height=SIZE,
                    width=SIZE, original_size=(128, 96), crops_coords_top_left=(8, 16), target_size=(64, 64),
                    output_type="np").images
         out["images_euler_micro"] = np.asarray(img, np.float32)
         # base -> refiner hand-off at 0.5 of the schedule (diffusers' "ensemble of expert denoisers")
-        lat = torch.from_numpy(latents) * base.scheduler.init_noise_sigma
-        z = base(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=lat.clone(), height=SIZE,
-                 width=SIZE, denoising_end=0.5, output_type="latent").images
+        # at 64 px: the refiner's four levels need latents divisible by 8
+        noise = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+        out["handoff_noise"] = noise.transpose(0, 2, 3, 1)
+        z = base(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=torch.from_numpy(noise), height=64,
+                 width=64, denoising_end=0.5, output_type="latent").images
         refiner.scheduler = EulerDiscreteScheduler.from_config(euler.config)
         img = refiner(PROMPTS, image=z, num_inference_steps=STEPS, guidance_scale=GUIDANCE, denoising_start=0.5,
                       output_type="np").images
@@ -191,7 +193,8 @@ def param_counts() -> dict:
 
 def main() -> None:
     torch.set_num_threads(2)
-    make_folders()
+    if "--refs-only" not in sys.argv:  # the folders are committed; --refs-only recomputes only the references
+        make_folders()
     refs = make_refs()
     np.savez_compressed(HERE / "tiny_sdxl_ref.npz", **refs)
     counts = param_counts()

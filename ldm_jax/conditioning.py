@@ -1,0 +1,96 @@
+"""SDXL conditioning shared by sampling and training: several tokenizers on one prompt, and the
+micro-conditioning ids (Podell et al. 2023, arXiv 2307.01952, sec. 2.2-2.3) with diffusers' defaults.
+
+Base models take 6 ids per image: original size (h, w), crop top-left (top, left), target size (h, w);
+the refiner 5: original size, crop, aesthetic score. They reach the UNet through
+`UNet.added_cond(pooled, ids)` as traced arrays, so new values never recompile.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+Tokenizer = Callable[[Sequence[str]], np.ndarray]
+Size = tuple[int, int]
+
+
+class MultiTokenizer:
+    """One prompt through every tower's tokenizer: int32 ids (B, n towers, L), in the towers' order."""
+
+    def __init__(self, tokenizers: Mapping[str, Tokenizer]):
+        if not tokenizers:
+            raise ValueError("MultiTokenizer needs at least one tokenizer")
+        self.tokenizers = dict(tokenizers)
+        lengths = {int(getattr(t, "max_length", 77)) for t in self.tokenizers.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"the towers' tokenizers pad to different lengths {sorted(lengths)}")
+        self.max_length = lengths.pop()
+
+    def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return np.stack([np.asarray(t(texts), np.int32) for t in self.tokenizers.values()], axis=1)
+
+
+def micro_ids(
+    n_ids: int, height: int, width: int, *, original_size: Size | None = None, crops_coords_top_left: Size = (0, 0),
+    target_size: Size | None = None, aesthetic_score: float = 6.0, negative_original_size: Size | None = None,
+    negative_crops_coords_top_left: Size = (0, 0), negative_target_size: Size | None = None,
+    negative_aesthetic_score: float = 2.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cond, uncond) float32 (n_ids,) micro-conditioning rows, as diffusers' SDXL pipelines build them.
+
+    Defaults: original = target = the output (height, width), crop (0, 0). Base (6 ids): the negative row
+    equals the positive one unless both negative sizes are given. Refiner (5 ids): the negative row takes
+    the negative sizes (defaulting to the positive ones), the negative crop and `negative_aesthetic_score`.
+    """
+    for name, v in (("original_size", original_size), ("crops_coords_top_left", crops_coords_top_left),
+                    ("target_size", target_size), ("negative_original_size", negative_original_size),
+                    ("negative_crops_coords_top_left", negative_crops_coords_top_left),
+                    ("negative_target_size", negative_target_size)):
+        if v is not None and (len(tuple(v)) != 2 or any(x < 0 for x in v)):
+            raise ValueError(f"{name} must be a pair of non-negative numbers (h, w) / (top, left), got {v!r}")
+    original = tuple(original_size or (height, width))
+    target = tuple(target_size or (height, width))
+    crop = tuple(crops_coords_top_left)
+    if n_ids == 6:
+        cond = (*original, *crop, *target)
+        if negative_original_size is not None and negative_target_size is not None:
+            uncond = (*negative_original_size, *negative_crops_coords_top_left, *negative_target_size)
+        else:
+            uncond = cond
+    elif n_ids == 5:
+        cond = (*original, *crop, aesthetic_score)
+        uncond = (*(negative_original_size or original), *negative_crops_coords_top_left, negative_aesthetic_score)
+    else:
+        raise ValueError(f"SDXL micro-conditioning has 6 (base) or 5 (refiner) ids, this UNet takes {n_ids}")
+    return np.asarray(cond, np.float32), np.asarray(uncond, np.float32)
+
+
+def n_micro_ids(adm_in_channels: int, pooled_dim: int, time_embed_dim: int) -> int:
+    """How many micro-conditioning ids a UNet's added-conditioning width holds beside the pooled text."""
+    n, rest = divmod(adm_in_channels - pooled_dim, time_embed_dim)
+    if rest or n < 1:
+        raise ValueError(f"adm_in_channels={adm_in_channels} is not the pooled width {pooled_dim} plus a "
+                         f"multiple of addition_time_embed_dim={time_embed_dim}")
+    return n
+
+
+def handoff_steps(timesteps: np.ndarray, num_train_timesteps: int, *, denoising_end: float | None = None,
+                  denoising_start: float | None = None) -> tuple[int, int]:
+    """(first, last) step indices to run of a schedule whose steps sit at `timesteps` (descending), for
+    diffusers' `denoising_end` (run while t >= T·(1 − end)) and `denoising_start` (run from t < T·(1 − start))."""
+    first, last = 0, len(timesteps)
+    for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if v is not None and not 0.0 < v < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {v}")
+    if denoising_end is not None:
+        cutoff = int(round(num_train_timesteps - denoising_end * num_train_timesteps))
+        last = int(np.sum(timesteps >= cutoff))
+    if denoising_start is not None:
+        cutoff = int(round(num_train_timesteps - denoising_start * num_train_timesteps))
+        first = len(timesteps) - int(np.sum(timesteps < cutoff))
+    if last - first < 1:
+        raise ValueError(f"denoising_start={denoising_start} / denoising_end={denoising_end} leave no step of "
+                         f"{len(timesteps)}")
+    return first, last

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import conditioning
+from ldm_jax import conditioning, sharding
 from ldm_jax.pipeline import load_pretrained
 
 
@@ -19,17 +19,22 @@ def ref(goldens_dir):
     return dict(np.load(goldens_dir / "tiny_sdxl_ref.npz"))
 
 
+def _one_device():
+    """One device: the 8 fake test devices would pad each batch of 2 to 8 (sharding is tested for SD1)."""
+    return sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
 _SIGMA0 = 4.1166964  # σ(t = 751), the first of SDXL's 4 "leading" steps (checked in test_matches_diffusers)
 
 
 @pytest.fixture(scope="module")
 def base(goldens_dir):
-    return load_pretrained(goldens_dir / "tiny_sdxl")
+    return load_pretrained(goldens_dir / "tiny_sdxl", mesh=_one_device())
 
 
 @pytest.fixture(scope="module")
 def refiner(goldens_dir):
-    return load_pretrained(goldens_dir / "tiny_sdxl_refiner")
+    return load_pretrained(goldens_dir / "tiny_sdxl_refiner", mesh=_one_device())
 
 
 def _kw(ref, **over):

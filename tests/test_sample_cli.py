@@ -77,11 +77,11 @@ class _Painter:
 
 def test_evaluation_scores_heldout_prompts(tmp_path):
     spec = shapes.ShapesSpec()
-    metrics, images = evaluate_shapes(_Painter(), spec, per_pair=4, steps=3, guidance_scale=2.0)
+    metrics, images = evaluate_shapes(_Painter(), spec, per_pair=4, in_distribution=0, steps=3, guidance_scale=2.0)
     assert metrics["num_samples"] == 12 == len(images)
     assert metrics["color_accuracy"] == 1.0 and metrics["shape_accuracy"] == 1.0
     assert set(metrics["color_accuracy_per_pair"]) == {"red triangle", "green square", "blue circle"}
-    wrong, _ = evaluate_shapes(_Painter(wrong_color="yellow"), spec, per_pair=4)
+    wrong, _ = evaluate_shapes(_Painter(wrong_color="yellow"), spec, per_pair=4, in_distribution=0)
     assert wrong["color_accuracy"] == 0.0 and wrong["shape_accuracy"] == 1.0
     path = write_eval(tmp_path, metrics, images)
     assert json.loads(path.read_text())["color_accuracy"] == 1.0

@@ -155,7 +155,7 @@ def schedule_sigmas(name: str, steps: int, levels: NoiseLevels, **options) -> np
     if name not in SCHEDULE_INFO:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_INFO)}")
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        raise ValueError(f"steps must be >= 1 (an int), got {steps!r}")
     s = np.asarray(SCHEDULE_INFO[name].fn(int(steps), levels, **options), np.float64)
     if s.shape != (steps + 1,):
         raise ValueError(f"schedule {name!r} gave {s.shape[0]} sigmas for {steps} steps (expected {steps + 1})")

@@ -62,6 +62,7 @@ def evaluate_shapes(
         "color_accuracy": heldout["color"],
         "shape_accuracy": heldout["shape"],
         "both_accuracy": heldout["both"],
+        "color_accuracy_per_pair": {pair: s["color"] for pair, s in heldout["per_pair"].items()},
         "chance_color": 1.0 / len(spec.colors),
         "chance_shape": 1.0 / len(spec.shapes),
         "num_samples": len(held),

@@ -182,6 +182,17 @@ def build(config: ml_collections.ConfigDict, tokenizer: Any = None, workdir: Any
     return objective
 
 
+def sibling_config(config_file: str, name: str) -> Any:
+    """configs/NAME.py beside `config_file`, as a module (configs/ is a folder of files, not a package)."""
+    import importlib.util
+
+    path = pathlib.Path(config_file).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"ldm_jax_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def default_lora_block() -> ml_collections.ConfigDict:
     """The `lora` block: rank 8, alpha 8, the UNet's attention projections, a float32 base."""
     return ml_collections.ConfigDict(dict(rank=8, alpha=8.0, dropout=0.0, unet_targets="attn", text_targets="",

@@ -9,7 +9,7 @@ from typing import Callable
 
 import ml_collections
 
-from ldm_jax.training import autoencoder, ldm, lora
+from ldm_jax.training import autoencoder, dreambooth, ldm, lora
 from ldm_jax.training.objective import ConfigError, Objective
 
 Builder = Callable[..., Objective]
@@ -17,7 +17,9 @@ Builder = Callable[..., Objective]
 OBJECTIVES: dict[str, Builder] = {
     "ldm": ldm.build,
     "autoencoder": autoencoder.build,
-    "lora": lora.build,  # LoRA / DreamBooth fine-tuning of an LDM (training/lora.py)
+    "lora": lora.build,  # LoRA fine-tuning of an LDM (training/lora.py)
+    "dreambooth": dreambooth.build,  # DreamBooth, full UNet fine-tune or LoRA (training/dreambooth.py)
+    "dreambooth_lora": dreambooth.build,
 }
 
 

@@ -1,0 +1,113 @@
+"""LoRA training through the real trainer (configs/lora_sd1.py:test on tests/goldens/tiny_sd, shapes data).
+
+One objective, two runs: 2 steps (checkpoints at 1 and 2), then checkpoint 2 is deleted and the same
+command resumes from 1 and redoes step 2. Checks: only adapters are trained (the base stays exactly the folder's weights, the
+optimizer state and EMA hold adapter-shaped arrays only), the resumed run equals the straight one bit for
+bit, and the exported LoRA file loads back (interop/lora.py) to the trained adapters.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from training_utils import host, load_config, max_diff
+
+TINY_SD = pathlib.Path(__file__).parent / "goldens" / "tiny_sd"
+pytestmark = pytest.mark.timeout(1800)  # two compiles of a training step: ~1 min idle, far more on a shared machine
+
+
+def lora_config(data_dir: str, num_steps: int):
+    c = load_config("lora_sd1", "test")
+    with c.unlocked():
+        c.init_from = str(TINY_SD)
+        c.lora.rank, c.lora.alpha = 2, 4.0
+        c.lora.unet_targets = "attn,conv"
+        c.lora.text_targets = "attn"
+        c.optim.lr = 1e-3
+        c.num_steps = num_steps
+        c.data.source = "shapes"
+        c.data.data_dir = data_dir
+        c.data.num_threads = 1
+        c.data.shapes.num_train, c.data.shapes.num_test, c.data.shapes.num_heldout = 16, 4, 4
+        c.progress = False
+        c.log_every = 1
+        c.checkpoint.every = 1
+        c.checkpoint.async_save = False
+    return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2 steps with checkpoints at 1 and 2; then checkpoint 2 is deleted and the run resumes from 1 to 2 again."""
+    import shutil
+
+    from ldm_jax import sharding as shd
+    from ldm_jax.training import loop
+    from ldm_jax.training import lora as lora_train
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    objective = lora_train.build(lora_config(data_dir, 2))
+    workdir = tmp_path_factory.mktemp("run")
+    straight = loop.train(lora_config(data_dir, 2), workdir, objective=objective, mesh=mesh)
+    out = tmp_path_factory.mktemp("export") / "lora.safetensors"
+    objective.export_lora(straight.state, out, use_ema=False)
+    straight_state = host({"params": straight.state.params, "opt": straight.state.opt_state, "ema": straight.state.ema,
+                           "frozen": straight.state.frozen})
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    resumed = loop.train(lora_config(data_dir, 2), workdir, objective=objective, mesh=mesh)
+    return dict(objective=objective, straight=straight, straight_state=straight_state, resumed=resumed, export=out,
+                workdir=workdir)
+
+
+def test_only_adapters_are_trained(runs):
+    from ldm_jax.interop import load_diffusers
+    from ldm_jax.models import lora
+
+    tiny = load_diffusers(TINY_SD)
+    end = runs["straight_state"]
+    st = runs["straight"].state
+    assert max_diff(end["frozen"]["unet"], tiny.unet_params) == 0.0
+    assert max_diff(end["frozen"]["text"], tiny.text_params) == 0.0
+    assert max_diff(end["frozen"]["first_stage"], tiny.vae_params) == 0.0
+    model = end["params"]["model"]
+    assert sorted(model) == ["lora"] and sorted(model["lora"]) == ["text", "unet"]
+    n_adapters = lora.count(model["lora"]["unet"]) + lora.count(model["lora"]["text"])
+    # unet: 32 attention projections + 22 convs (16 resnet, 4 shortcuts, down- and upsampler); text: 8
+    mods = lora.modules_of(model["lora"]["unet"])
+    assert len(mods) == 32 + 22 and len(lora.modules_of(model["lora"]["text"])) == 8
+    # AdamW state: mu and nu of each adapter, plus scalar counts — nothing of the base
+    opt_sizes = [x.size for x in jax.tree_util.tree_leaves(end["opt"])]
+    assert sum(s for s in opt_sizes if s > 1) == 2 * n_adapters
+    assert max_diff(end["ema"]["model"], end["params"]["model"]) > 0  # EMA of the adapters, not a copy
+    ups = [np.abs(m["up"]).max() for m in mods.values()]
+    assert min(ups) > 0  # every adapter's up moved off its zero init
+    for loss in runs["resumed"].losses + runs["straight"].losses:
+        assert np.isfinite(loss)
+
+
+def test_resume_equals_straight_run(runs):
+    a, b = runs["resumed"].state, runs["straight_state"]
+    assert int(a.step) == int(runs["straight"].state.step) == 2 and len(runs["resumed"].losses) == 1  # step 2 again
+    assert max_diff(host(a.params), b["params"]) == 0.0
+    assert max_diff(host(a.opt_state), b["opt"]) == 0.0
+    assert max_diff(host(a.ema), b["ema"]) == 0.0
+
+
+def test_exported_file_loads_back(runs):
+    from ldm_jax.interop import lora as lora_io
+    from ldm_jax.models import lora
+
+    o = runs["objective"]
+    loaded, fmt = lora_io.load(runs["export"], {"unet": o.unet_kwargs, "text": o.text_kwargs})
+    trained = runs["straight_state"]["params"]["model"]["lora"]
+    for m in ("unet", "text"):
+        got, want = lora.modules_of(loaded[m]), lora.modules_of(trained[m])
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k]["down"], want[k]["down"])
+            np.testing.assert_array_equal(got[k]["up"], want[k]["up"])
+            assert float(got[k]["alpha"]) == 4.0

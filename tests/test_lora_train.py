@@ -89,6 +89,17 @@ def test_only_adapters_are_trained(runs):
         assert np.isfinite(loss)
 
 
+def test_checkpoints_hold_adapters_only(runs):
+    import json
+
+    ckpt = runs["workdir"] / "checkpoints" / "2"
+    leaves = json.loads((ckpt / "state" / "_METADATA").read_text())["tree_metadata"]  # orbax: one entry per leaf
+    assert not [k for k in leaves if "'frozen'" in k and ("unet" in k or "text" in k or "first_stage" in k)]
+    assert sum("'params'" in k for k in leaves) == 2 * (54 + 8)  # down + up of each adapter, nothing else trained
+    meta = json.loads((ckpt / "meta" / "metadata").read_text())  # the pointer to the base and the LoRA config
+    assert meta["base"] == str(TINY_SD) and meta["lora"]["rank"] == 2 and meta["lora"]["alpha"] == 4.0
+
+
 def test_resume_equals_straight_run(runs):
     a, b = runs["resumed"].state, runs["straight_state"]
     assert int(a.step) == int(runs["straight"].state.step) == 2 and len(runs["resumed"].losses) == 1  # step 2 again

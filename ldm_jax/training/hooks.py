@@ -47,6 +47,8 @@ class Checkpoints(Hook):
     def restore(self, abstract: TrainState, shardings: TrainState) -> TrainState | None:
         """The newest intact checkpoint's state on `shardings` (and the dataset's position), or None for a fresh
         run; a damaged newer checkpoint is set aside (`Checkpointer.restore_latest`)."""
+        if not self.objective.checkpoint_frozen:
+            abstract, shardings = abstract.replace(frozen={}), shardings.replace(frozen={})
         try:
             found = self.ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
         except CheckpointMismatchError as e:
@@ -64,6 +66,8 @@ class Checkpoints(Hook):
             return
         data_state = self.dataset.get_state() if hasattr(self.dataset, "get_state") else None
         meta = {**self.meta, **self.objective.export(state), "step": step}
+        if not self.objective.checkpoint_frozen:
+            state = state.replace(frozen={})
         if self.ckpt.save(step, state, data_state, meta, force=force):
             self.last_good = step
 

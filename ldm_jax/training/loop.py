@@ -158,6 +158,8 @@ def _start(trainer: Trainer, ckpt: services.Checkpoints, dataset: Any, mesh: Mes
     abstract, state_sh = trainer.state_shardings(mesh, seed)
     state = ckpt.restore(abstract, state_sh)
     if state is not None:
+        if not trainer.objective.checkpoint_frozen:  # not in the checkpoint: read again (e.g. a LoRA's base)
+            state = state.replace(frozen=trainer.objective.load_pretrained(trainer.create_state(mesh, seed), mesh).frozen)
         return state, next(dataset), state_sh
     state = trainer.objective.load_pretrained(trainer.create_state(mesh, seed), mesh)
     batch = next(dataset)

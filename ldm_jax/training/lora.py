@@ -11,6 +11,9 @@ LDM objective's conditioning, noise, targets and gradient accumulation are reuse
 Sharding: adapters carry no logical names, so they are replicated on every mesh; the frozen base keeps the
 logical shardings of the full model (fsdp / tensor), and the delta is added where each kernel lives.
 
+Checkpoints hold the adapters, their EMA and AdamW state only (`checkpoint_frozen = False`); the meta records
+the base (`init_from`) and the LoRA config, and a resume reads the base again.
+
 Exporting: `export_lora(state, path)` writes the (EMA) adapters as a diffusers/peft or kohya file that
 diffusers, ComfyUI and A1111 load (`ldm_jax.interop.lora`); checkpoint meta records the base
 (`init_from`) and the LoRA config.
@@ -47,6 +50,7 @@ class LoraLDMObjective(ldm.LDMObjective):
     """LDM training of low-rank adapters on a frozen base (see the module docstring)."""
 
     name = "lora"
+    checkpoint_frozen = False  # checkpoints: adapters + EMA + optimizer; the base comes from init_from again
 
     def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any = None):
         super().__init__(config, tokenizer)

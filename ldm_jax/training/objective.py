@@ -83,6 +83,9 @@ class Objective:
 
     name: str = "objective"
     ema_groups: tuple[str, ...] = ()  # parameter groups that get an EMA copy
+    # False: `state.frozen` is left out of checkpoints and `load_pretrained` fills it again on every start
+    # (LoRA: checkpoints hold the adapters, their EMA and optimizer; the base is read from `init_from`)
+    checkpoint_frozen: bool = True
 
     def init(self, key: jax.Array) -> dict[str, Any]:
         """{"params": {group: tree}, "frozen": {...}, "extra": {...}} from random weights.

@@ -17,20 +17,24 @@ import dataclasses
 import functools
 import inspect
 import logging
-import math
 import os
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
 from ldm_jax import conditioning, pipeline_lora, sampling, sharding
 from ldm_jax.diffusion import denoisers, schedules
+from ldm_jax.data import tokenizers
+from ldm_jax.interop import pretrained
 from ldm_jax.interop import sdxl as sdxl_io
+from ldm_jax.interop import workdir as workdir_io
+from ldm_jax.models import autoencoder, text, unet
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +173,6 @@ class Pipeline:
         default_size: int | None = None,
     ) -> "Pipeline":
         """Builds the modules from their kwargs (the trainer's sample-grid hook uses this)."""
-        from ldm_jax.models import autoencoder, text, unet
-
         vae = autoencoder.build_autoencoder(dict(vae_kwargs))
         text_module = None if text_kwargs is None else text.build_text_encoder(text_kwargs)
         return cls(unet.UNet(**unet_kwargs), vae, text_module, tokenizer, scheduler, params, mesh=mesh,
@@ -193,10 +195,6 @@ class Pipeline:
     def downsample(self) -> int:
         """Image pixels per latent pixel."""
         return int(self.vae.downsample_factor)
-
-    @property
-    def _is_vq(self) -> bool:
-        return hasattr(self.vae, "n_embed")
 
     # ------------------------------------------------------------------ schedules
     def sigmas(self, schedule: str, steps: int, sampler: str = "euler") -> np.ndarray:
@@ -250,19 +248,13 @@ class Pipeline:
     def _decode(self, params: dict, z: jax.Array, scale: jax.Array | float) -> jax.Array:
         z = z / scale
         vae, vae_params = self._vae(params)
-        if self._is_vq:  # LDM decodes VQ samples through the codebook (VQModelInterface.decode)
-            img = vae.apply({"params": vae_params}, z, quantize=True, method="decode")
-        else:
-            img = vae.apply({"params": vae_params}, z, method="decode")
+        img = vae.apply({"params": vae_params}, z, method="decode_latent")  # VQ: through the codebook
         return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     def _encode_image(self, params: dict, img: jax.Array, scale: jax.Array | float | None = None) -> jax.Array:
         """Latents of images in [-1, 1]: the posterior mean (KL) or pre-quantization code (VQ), times scale."""
         vae, vae_params = self._vae(params)
-        if self._is_vq:
-            z = vae.apply({"params": vae_params}, img, method="encode_latent")
-        else:
-            z = vae.apply({"params": vae_params}, img, method="encode").mode()
+        z = vae.apply({"params": vae_params}, img, method="encode_latent")
         return z * (self.scheduler.scale_factor if scale is None else scale)
 
     def _program(self, st: _Static) -> Callable:
@@ -585,8 +577,6 @@ def _fetch(x: jax.Array) -> np.ndarray:
 # ---------------------------------------------------------------------- loading
 def from_pretrained_struct(p: Any, *, tokenizer: Any = None, mesh: Mesh | None = None) -> Pipeline:
     """A Pipeline from `ldm_jax.interop.pretrained.Pretrained` (kwargs + params + schedule + tokenizer dir)."""
-    from ldm_jax.data import tokenizers
-
     tok = None
     towers = (p.text_kwargs or {}).get("encoders")
     if towers is not None:  # SDXL: one tokenizer per tower (a dict, or a diffusers SDXL folder for single files)
@@ -627,8 +617,6 @@ def load_pretrained(path: str | os.PathLike, *, tokenizer: Any = None, predictio
     `tokenizer`: a tokenizer folder / object for single files (they carry no tokenizer).
     `prediction_type` and `use_ema` are passed to `load_single_file` / `load_diffusers`.
     """
-    from ldm_jax.interop import pretrained
-
     path = pathlib.Path(path).expanduser()
     if path.is_dir() and (path / "model_index.json").is_file():
         return from_pretrained_struct(pretrained.load_diffusers(path, prediction_type=prediction_type),
@@ -636,7 +624,7 @@ def load_pretrained(path: str | os.PathLike, *, tokenizer: Any = None, predictio
     if path.is_file():
         p = pretrained.load_single_file(path, prediction_type=prediction_type, use_ema=use_ema)
         return from_pretrained_struct(p, tokenizer=tokenizer, mesh=mesh)
-    if path.is_dir() and _is_workdir(path):
+    if path.is_dir() and workdir_io.is_workdir(path):
         return load_workdir(path, mesh=mesh)
     raise FileNotFoundError(
         f"{path} is neither a diffusers folder (model_index.json), a checkpoint file (.safetensors/.ckpt) "
@@ -644,57 +632,12 @@ def load_pretrained(path: str | os.PathLike, *, tokenizer: Any = None, predictio
     )
 
 
-def _is_workdir(path: pathlib.Path) -> bool:
-    return (path / "checkpoints").is_dir()
-
-
 def load_workdir(workdir: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
                  mesh: Mesh | None = None) -> Pipeline:
-    """A Pipeline from one of our LDM training workdirs: its config, tokenizer and checkpoint (EMA weights)."""
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    from ldm_jax.checkpoint import Checkpointer
-    from ldm_jax.training import ldm, ldm_io
-
-    workdir = pathlib.Path(workdir).expanduser()
-    if not _is_workdir(workdir):
-        raise FileNotFoundError(f"{workdir} is not a training workdir (no checkpoints/ in it)")
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{workdir} has no complete checkpoint yet")
-        meta = ckpt.read_meta(step)
-        if meta.get("objective") != "ldm":
-            raise ValueError(f"{workdir} holds a {meta.get('objective')!r} run, not a latent diffusion model "
-                             "(an autoencoder workdir cannot sample; use the LDM workdir that reuses it)")
-        config = ml_collections.ConfigDict(meta["config"])
-        tokenizer = ldm_io.load_tokenizer(config, workdir) if config.cond.type == "text" else None
-        objective = ldm.build(config, tokenizer=tokenizer)
-        if config.cond.type == "class":
-            raise ValueError(f"{workdir} is class-conditional; the text-to-image pipeline samples text or "
-                             "unconditional models")
-        abstract = nn.meta.unbox(jax.eval_shape(objective.init, jax.random.key(0)))
-        cpu = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-        as_target = lambda t: jax.tree_util.tree_map(  # noqa: E731
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(cpu)), t)
-        field = "ema" if use_ema else "params"
-        item = {field: {"model": as_target(abstract["params"]["model"])}, "frozen": as_target(abstract["frozen"])}
-        restored = ocp.PyTreeCheckpointer().restore(
-            ckpt.directory / str(step) / "state",
-            args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                        partial_restore=True))
-    finally:
-        ckpt.close()
-    model, frozen = restored[field]["model"], restored["frozen"]
-    params = {"unet": model["unet"], "vae": frozen["first_stage"]}
-    if objective.text is not None:
-        params["text"] = model["text"] if objective.text_trainable else frozen["text"]
-    params = jax.tree_util.tree_map(np.asarray, params)
-    scheduler = {**objective.scheduler_dict(), "scale_factor": float(meta.get("scale_factor", 1.0))}
-    pipe = Pipeline.from_configs(objective.unet_kwargs, objective.vae_kwargs, objective.text_kwargs, tokenizer,
-                                 scheduler, params, mesh=mesh, default_size=int(config.image_size))
-    pipe.step = int(step)
-    pipe.config = config
+    """A Pipeline from one of our LDM training workdirs: the sampling spec and (EMA) weights of its checkpoint
+    (`ldm_jax.interop.workdir`, no training code); `.step` and `.config` (the training config) are set on it."""
+    p, meta = workdir_io.load_workdir(workdir, step=step, use_ema=use_ema)
+    pipe = from_pretrained_struct(p, mesh=mesh)
+    pipe.step = int(meta["step"])
+    pipe.config = ml_collections.ConfigDict(meta["config"])
     return pipe

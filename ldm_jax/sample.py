@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from ldm_jax import cli, sampling
+from ldm_jax import cli, pipeline, sampling
 from ldm_jax.images import image_grid, save_png
 
 
@@ -58,8 +58,6 @@ def _define_flags() -> None:
 
 def run(argv_flags=None) -> list[pathlib.Path]:
     """Loads the model, samples, writes the PNGs; returns their paths."""
-    from ldm_jax.pipeline import load_pretrained, load_workdir
-
     f = argv_flags or flags.FLAGS
     if bool(f.workdir) == bool(f.pretrained):
         raise app.UsageError("give exactly one of --workdir=DIR or --pretrained=PATH")
@@ -75,7 +73,8 @@ def run(argv_flags=None) -> list[pathlib.Path]:
         raise app.UsageError(f"--out={f.out} is a file, not a folder")
     image = _read_image(f.init_image) if f.init_image else None  # bad files fail before the model loads
     mask = _read_image(f.mask, "L") if f.mask else None
-    pipe = load_workdir(f.workdir, step=f.checkpoint_step) if f.workdir else load_pretrained(f.pretrained)
+    pipe = (pipeline.load_workdir(f.workdir, step=f.checkpoint_step) if f.workdir
+            else pipeline.load_pretrained(f.pretrained))
     n = f.num_images
     if pipe.text_encoder is not None:
         if not f.prompt:

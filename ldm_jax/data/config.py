@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ldm_jax.data.shapes import ShapesSpec
+
 
 def default_data_config() -> ml_collections.ConfigDict:
     """Defaults: the built-in shapes dataset at 32 px, random crop, no flip, captions and labels kept.
@@ -54,10 +56,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     return c
 
 
-def shapes_spec(data_config: ml_collections.ConfigDict):
+def shapes_spec(data_config: ml_collections.ConfigDict) -> ShapesSpec:
     """The ShapesSpec described by a data config (resolution comes from data_config.resolution)."""
-    from ldm_jax.data.shapes import ShapesSpec
-
     s = data_config.shapes
     return ShapesSpec(resolution=data_config.resolution, colors=s.colors, shapes=s.shapes, sizes=s.sizes,
                       positions=s.positions, backgrounds=s.backgrounds, heldout=s.heldout)

@@ -21,14 +21,9 @@ from ldm_jax.evaluation.features import BatchedApply, check_images
 
 
 def _encode_fn(vae: nn.Module):
-    quantized = hasattr(vae, "n_embed")
-
     def fn(params, x):
         x = x.astype(jnp.float32) / 127.5 - 1.0
-        if quantized:
-            z = vae.apply({"params": params}, x, method="encode_latent")
-        else:
-            z = vae.apply({"params": params}, x, method=lambda m, y: m.encode(y).mode())
+        z = vae.apply({"params": params}, x, method="encode_latent")  # KL: the posterior mean; VQ: pre-quantization
         return z.reshape(z.shape[0], -1).astype(jnp.float32)
 
     return fn

@@ -18,7 +18,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from ldm_jax.data import shapes
+from ldm_jax.data.config import shapes_spec
 from ldm_jax.images import image_grid, save_png
+from ldm_jax.pipeline import load_workdir
 
 
 def evaluate_shapes(
@@ -120,9 +122,6 @@ def log_to_tensorboard(workdir: str | pathlib.Path, metrics: Mapping[str, Any], 
 def evaluate_workdir(workdir: str | pathlib.Path, spec: shapes.ShapesSpec | None = None, **kwargs: Any) -> dict:
     """Loads WORKDIR's newest checkpoint (EMA), scores it, writes eval.json, prints and returns the metrics."""
     import jax
-
-    from ldm_jax.data.config import shapes_spec
-    from ldm_jax.pipeline import load_workdir
 
     pipe = load_workdir(workdir)
     if spec is None:

@@ -27,7 +27,7 @@ from flax import traverse_util
 
 from ldm_jax.interop import clip as clip_io
 from ldm_jax.interop import unet as unet_io
-from ldm_jax.interop.common import CheckpointError, conv_to_flax, conv_to_torch, save_safetensors
+from ldm_jax.interop.common import CheckpointError, conv_to_flax, conv_to_torch, load_safetensors, save_safetensors
 from ldm_jax.models import lora as lora_lib
 
 FORMATS = ("diffusers", "kohya")
@@ -150,8 +150,6 @@ def _peft_config(ranks: dict[str, int], alphas: dict[str, float], names: list[st
 def read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors as float32 numpy, safetensors metadata) of a LoRA file."""
     from safetensors import safe_open
-
-    from ldm_jax.interop.common import load_safetensors
 
     path = pathlib.Path(path)
     tensors = load_safetensors(path)

@@ -276,6 +276,20 @@ class AutoencoderKL(_Autoencoder):
             z = self.post_quant_conv(z)
         return self.decoder(z).astype(jnp.float32)
 
+    def encode_latent(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Images -> latents in float32: a posterior sample with `key`, else its mode (LDM `encode(x).sample()`)."""
+        posterior = self.encode(x)
+        return (posterior.mode() if key is None else posterior.sample(key)).astype(jnp.float32)
+
+    def decode_latent(self, z: jax.Array) -> jax.Array:
+        """Latents -> images (the same as `decode`; the VQ model snaps to its codebook here)."""
+        return self.decode(z)
+
+    def latent_moments(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(mean, std) of the latents of `x` in float32: `encode_latent(x, key)` = mean + std·N(0, 1)."""
+        posterior = self.encode(x)
+        return posterior.mean.astype(jnp.float32), posterior.std.astype(jnp.float32)
+
     def __call__(
         self, x: jax.Array, *, key: jax.Array | None = None, sample_posterior: bool = True
     ) -> tuple[jax.Array, DiagonalGaussian]:
@@ -345,8 +359,10 @@ class VQModel(_Autoencoder):
         self.post_quant_conv = conv(self.z_channels, 1, **kw)
         self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy, self.param_dtype)
 
-    def encode_latent(self, x: jax.Array) -> jax.Array:
-        """Images -> pre-quantisation latents (B,H/f,W/f,embed_dim), float32 (LDM `VQModelInterface.encode`)."""
+    def encode_latent(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Images -> pre-quantisation latents (B,H/f,W/f,embed_dim), float32 (LDM `VQModelInterface.encode`, what a
+        latent diffusion model trains on); `key` is unused (the same call as `AutoencoderKL.encode_latent`)."""
+        del key
         self._check_image(x)
         return self.quant_conv(self.encoder(x)).astype(jnp.float32)
 
@@ -361,6 +377,15 @@ class VQModel(_Autoencoder):
         if quantize:
             quant = self.quantize(quant)[0]
         return self.decoder(self.post_quant_conv(quant.astype(self.dtype))).astype(jnp.float32)
+
+    def decode_latent(self, z: jax.Array) -> jax.Array:
+        """Latents -> images through the codebook (LDM `VQModelInterface.decode`: a diffusion sample is snapped)."""
+        return self.decode(z, quantize=True)
+
+    def latent_moments(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(latents, zeros): a VQ encoding is deterministic (the same call as `AutoencoderKL.latent_moments`)."""
+        z = self.encode_latent(x)
+        return z, jnp.zeros_like(z)
 
     def decode_code(self, indices: jax.Array) -> jax.Array:
         """Integer codes (B,h,w) -> images."""
@@ -392,6 +417,12 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         n_embed=256,
     ),
 }  # fmt: skip
+
+
+def round_trip(module: AutoencoderKL | VQModel, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """`decode_latent(encode_latent(x, key))`: a reconstruction through the latent interface (use as
+    `model.apply(variables, x, method=round_trip)`; `model.init(key, x, method=round_trip)` creates every parameter)."""
+    return module.decode_latent(module.encode_latent(x, key))
 
 
 def autoencoder_class(kwargs: dict[str, Any]) -> type[nn.Module]:

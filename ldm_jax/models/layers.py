@@ -96,29 +96,21 @@ def group_norm(
     name: str | None = None,
 ) -> nn.GroupNorm:
     """GroupNorm over the channel axis (statistics are reduced in float32 even for bf16 inputs)."""
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
-        bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
-        name=name,
-    )
+    return nn.GroupNorm(num_groups=num_groups, **_norm_kwargs(epsilon, dtype, param_dtype, name))
 
 
 def layer_norm(
     *, epsilon: float = 1e-5, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None
 ) -> nn.LayerNorm:
     """LayerNorm over the last axis with PyTorch's default epsilon."""
-    return nn.LayerNorm(
-        epsilon=epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
-        bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
-        name=name,
-    )
+    return nn.LayerNorm(**_norm_kwargs(epsilon, dtype, param_dtype, name))
+
+
+def _norm_kwargs(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None) -> dict:
+    """Arguments shared by the norms: scale 1 / bias 0 on the logical "norm" axis."""
+    return dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
+                bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)))
 
 
 # Which attention implementation each traced attention call used ("cpu-blocked"/"cpu-matmul", "cudnn", "xla"):

@@ -57,35 +57,34 @@ def downsample_avg(x: jax.Array) -> jax.Array:
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv (padding 1), or 2x2 average pooling when `use_conv` is off."""
+class _Resample(nn.Module):
+    """A 2x resampling with an optional 3x3 conv named "conv" (the fields Downsample and Upsample share)."""
 
     channels: int
     use_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def _conv(self, x: jax.Array, stride: int = 1) -> jax.Array:
+        return layers.conv(self.channels, 3, stride=stride, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="conv")(x)
+
+
+class Downsample(_Resample):
+    """Stride-2 3x3 conv (padding 1), or 2x2 average pooling when `use_conv` is off."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if not self.use_conv:
-            return downsample_avg(x)
-        return layers.conv(self.channels, 3, stride=2, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        return self._conv(x, stride=2) if self.use_conv else downsample_avg(x)
 
 
-class Upsample(nn.Module):
+class Upsample(_Resample):
     """Nearest 2x upsampling followed by a 3x3 conv (when `use_conv`)."""
-
-    channels: int
-    use_conv: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = upsample_nearest(x)
-        if self.use_conv:
-            x = layers.conv(self.channels, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-        return x
+        return self._conv(x) if self.use_conv else x
 
 
 class ResBlock(nn.Module):

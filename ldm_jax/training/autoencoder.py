@@ -36,7 +36,7 @@ from ldm_jax.data.config import default_data_config, shapes_spec
 from ldm_jax.data.pipeline import make_dataset
 from ldm_jax.data.shapes import attributes_kept
 from ldm_jax.interop.lpips import load_lpips_params
-from ldm_jax.models.autoencoder import VAE_PRESETS, VQModel, autoencoder_class
+from ldm_jax.models.autoencoder import VAE_PRESETS, VQModel, autoencoder_class, round_trip
 from ldm_jax.models.discriminator import D_LOSSES, NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS
 from ldm_jax.sharding import put_like
@@ -168,12 +168,9 @@ class AutoencoderObjective(Objective):
     # --- interface ----------------------------------------------------------------------------------
     def init(self, key: jax.Array) -> dict[str, Any]:
         """Random AE / discriminator / LPIPS weights (LPIPS is replaced from disk in `load_pretrained`)."""
-        k_ae, k_post, k_d, k_p = jax.random.split(key, 4)
+        k_ae, _, k_d, k_p = jax.random.split(key, 4)  # (the second key is unused; kept so k_d, k_p stay the same)
         x = jnp.zeros((1, 32, 32, self.kwargs.get("in_channels", 3)), jnp.float32)
-        if self.kind == "kl":
-            ae = self.model.init({"params": k_ae}, x, key=k_post)
-        else:
-            ae = self.model.init({"params": k_ae}, x)
+        ae = self.model.init({"params": k_ae}, x, method=round_trip)
         logvar = jnp.full((), self.loss_cfg.logvar_init, jnp.float32)
         params, extra = {"ae": ae["params"]}, {}
         if self.gan:
@@ -330,10 +327,7 @@ class AutoencoderObjective(Objective):
         if self._eval_fn is None:
 
             def fn(ae_params, x):
-                if self.kind == "kl":
-                    recon, _ = self.model.apply({"params": ae_params}, x, sample_posterior=False)
-                else:
-                    recon, _, _ = self.model.apply({"params": ae_params}, x)
+                recon = self.model.apply({"params": ae_params}, x, method=round_trip)
                 a, b = metrics.to_unit(x), metrics.to_unit(recon)
                 return recon, metrics.psnr(a, b), metrics.ssim(a, b)
 
@@ -369,7 +363,7 @@ class AutoencoderObjective(Objective):
 
     def _eval_hook(self, ctx) -> None:
         ev = self.config.eval
-        params = ctx.state.ema["ae"] if "ae" in ctx.state.ema else ctx.state.params["ae"]
+        params = ctx.eval_params("ae")
         it = self.make_dataset(ctx.mesh, split=ev.split, batch_size=ev.batch_size)
         batches = [next(it) for _ in range(ev.num_batches)]
         scores = self.evaluate(params, batches)

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_jax import sharding as shd
+from ldm_jax.pipeline import load_pretrained
 from ldm_jax.training import ldm, ldm_io
 from ldm_jax.training import lora as lora_train
 from ldm_jax.training.objective import ConfigError
@@ -75,8 +76,6 @@ def ensure_class_images(folder: str | os.PathLike, count: int, generate: Callabl
 def pipeline_generator(init_from: str, prompt: str, cfg: ml_collections.ConfigDict, resolution: int,
                        tokenizer: Any = None) -> Callable[[list[int]], np.ndarray]:
     """generate(indices) with our pipeline on the base weights; image i starts from fold_in(key(seed), i)."""
-    from ldm_jax.pipeline import load_pretrained
-
     pipe = load_pretrained(init_from, tokenizer=tokenizer)
     f = pipe.downsample
     shape = (resolution // f, resolution // f, pipe.latent_channels)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ldm_jax.evaluation.evaluator import Evaluator, check_eval_config
 from ldm_jax.training.objective import Hook, HookContext
-from ldm_jax.training.sample_grid import sample_params, sampling_pipeline
+from ldm_jax.training.sample_grid import sampling_pipeline
 
 log = logging.getLogger("ldm_jax.train")
 
@@ -54,7 +54,7 @@ class EvalHook(Hook):
         if extra:
             log.info("evaluating again: the evaluation of step %d was interrupted", self._redo_of)
         self._redo_of = None
-        self.evaluator(ctx.step, self.pipeline, sample_params(self.objective, ctx.state), ctx.writer, extra=extra)
+        self.evaluator(ctx.step, self.pipeline, self.objective.sampling_params(ctx.state), ctx.writer, extra=extra)
 
 
 def eval_hooks(config: Any, objective: Any, workdir: str | pathlib.Path) -> list[Hook]:

@@ -57,12 +57,8 @@ def _reader(config: Any):
 
 
 def _encoder(objective: Any, params: Any, batch: int):
-    def moments(p, x):
-        if objective.is_vq:  # a VQ code is deterministic: mean = the quantized latent, std = 0
-            quant, _, _ = objective.first_stage.apply({"params": p}, x, method="encode")
-            return quant, jax.numpy.zeros_like(quant)
-        post = objective.first_stage.apply({"params": p}, x, method="encode")
-        return post.mean, post.std
+    def moments(p, x):  # KL: the posterior's mean and std; VQ: the deterministic latents and std 0
+        return objective.first_stage.apply({"params": p}, x, method="latent_moments")
 
     fn = jax.jit(moments)
 

@@ -20,7 +20,7 @@ device count; see tests/test_training.py::test_noise_draw_has_no_collectives.
 Gradient reduction: with grad_accum = 1 it is left to XLA's partitioner, which all-reduces (DP) or
 reduce-scatters (FSDP) the gradients itself. With grad_accum > 1 under the partitioner, the compiled
 `lax.scan` all-reduces the gradients inside the loop body, once per micro-batch. So when a mesh with
-data > 1 is in context while tracing (loop.jit_train_step traces the step under
+data > 1 is in context while tracing (trainer.Trainer.jit_step traces the step under
 `jax.sharding.use_abstract_mesh`; `jax.set_mesh` works too) `optim.accumulate` runs a `jax.shard_map`
 manual over `data` (fsdp/tensor stay automatic inside): each data replica accumulates the gradients of
 its own micro-batch blocks and one `psum` over `data` follows the loop (`optim.accumulate_shard_map`).
@@ -45,8 +45,9 @@ from ldm_jax.data.config import default_data_config
 from ldm_jax.data.pipeline import make_dataset
 from ldm_jax.diffusion import losses, schedules
 from ldm_jax.evaluation.evaluator import default_eval_config
+from ldm_jax.interop import workdir as workdir_io
 from ldm_jax.models import layers
-from ldm_jax.models.autoencoder import autoencoder_class
+from ldm_jax.models.autoencoder import autoencoder_class, round_trip
 from ldm_jax.models.text import CLIPTextTransformer
 from ldm_jax.models.unet import UNet
 from ldm_jax.training import ldm_io, optim, sample_grid
@@ -100,7 +101,6 @@ class LDMObjective(Objective):
         self.unet = UNet(**self.unet_kwargs, dtype=dtype, remat_policy=c.remat)
         self.vae_kwargs = _kwargs(c.first_stage.kwargs)
         self.first_stage = autoencoder_class(self.vae_kwargs)(**self.vae_kwargs, dtype=dtype)
-        self.is_vq = "n_embed" in self.vae_kwargs
         self.text_kwargs = _kwargs(c.cond.text) if c.cond.type == "text" else None
         self.text = None
         if self.text_kwargs is not None:
@@ -162,11 +162,8 @@ class LDMObjective(Objective):
         if c.diffusion.learn_logvar:
             model["logvar"] = jnp.full((c.diffusion.num_timesteps,), c.diffusion.logvar_init, jnp.float32)
         img = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
-        frozen["first_stage"] = self.first_stage.init(k_fs, img, method=self._fs_init_method)["params"]
+        frozen["first_stage"] = self.first_stage.init(k_fs, img, method=round_trip)["params"]
         return {"params": {"model": model}, "frozen": frozen, "extra": extra}
-
-    def _fs_init_method(self, module, img):
-        return module(img) if self.is_vq else module(img, sample_posterior=False)
 
     def _dummy_cond(self):
         context = y = None
@@ -180,13 +177,10 @@ class LDMObjective(Objective):
 
     # ---------------------------------------------------------------- pieces of the step
     def encode(self, fs_params: Any, images: jax.Array, key: jax.Array) -> jax.Array:
-        """Unscaled first-stage latents: a posterior sample (KL, as LDM) or the quantized code (VQ)."""
-        if self.is_vq:
-            quant, _, _ = self.first_stage.apply({"params": fs_params}, images, method="encode")
-            return jax.lax.stop_gradient(quant.astype(jnp.float32))
-        posterior = self.first_stage.apply({"params": fs_params}, images, method="encode")
-        z = posterior.sample(key) if self.config.first_stage.sample_posterior else posterior.mode()
-        return jax.lax.stop_gradient(z.astype(jnp.float32))
+        """Unscaled first-stage latents (`encode_latent`): a posterior sample (KL, as LDM; its mode when
+        `first_stage.sample_posterior=False`) or the pre-quantization latents (VQ, LDM's VQModelInterface)."""
+        key = key if self.config.first_stage.sample_posterior else None
+        return jax.lax.stop_gradient(self.first_stage.apply({"params": fs_params}, images, key, method="encode_latent"))
 
     def latents(self, fs_params: Any, batch: dict, key: jax.Array) -> jax.Array:
         """Unscaled latents of the batch: from the cached posterior mean/std when the batch has them
@@ -194,7 +188,7 @@ class LDMObjective(Objective):
         if "latent_mean" not in batch:
             return self.encode(fs_params, batch["image"], key)
         mean = batch["latent_mean"]
-        if not self.config.first_stage.sample_posterior or self.is_vq:
+        if not self.config.first_stage.sample_posterior:
             return mean
         return mean + batch["latent_std"] * jax.random.normal(key, mean.shape, mean.dtype)
 
@@ -256,8 +250,29 @@ class LDMObjective(Objective):
         return state.replace(extra={**state.extra, "scale_factor": 1.0 / jnp.std(z)})
 
     def export(self, state: TrainState) -> dict:
-        """Facts a sampler needs besides the weights (saved in each checkpoint's meta)."""
-        return {"scale_factor": float(jax.device_get(state.extra["scale_factor"])), **self.scheduler_dict()}
+        """Facts a sampler needs besides the weights (saved in each checkpoint's meta; "sampling": the spec)."""
+        scale = float(jax.device_get(state.extra["scale_factor"]))
+        return {"scale_factor": scale, **self.scheduler_dict(), "sampling": self.sampling_spec(scale)}
+
+    # ---------------------------------------------------------------- what sampling needs
+    def sampling_spec(self, scale_factor: float = 1.0) -> dict:
+        """Modules, schedule, tokenizer and the state paths of the sampled weights, JSON-able: what the sample-grid
+        hook builds its Pipeline from and what `ldm_jax.interop.workdir` reads back from a checkpoint."""
+        weights = {"unet": ["params", "model", "unet"], "vae": ["frozen", "first_stage"]}
+        if self.text is not None:
+            weights["text"] = ["params", "model", "text"] if self.text_trainable else ["frozen", "text"]
+        tok = str(self.config.cond.get("tokenizer") or "")
+        tokenizer = None if self.text is None or not tok else (
+            "tokenizer.json" if tok == "train" else str(pathlib.Path(tok).expanduser().absolute()))
+        return dict(unet=self.unet_kwargs, vae=self.vae_kwargs, text=self.text_kwargs,
+                    scheduler={**self.scheduler_dict(), "scale_factor": float(scale_factor)},
+                    image_size=int(self.config.image_size), conditioning=str(self.config.cond.type), tokenizer=tokenizer,
+                    weights=weights, ema_groups=list(self.ema_groups))
+
+    def sampling_params(self, state: TrainState, use_ema: bool = True) -> dict:
+        """{"unet", "vae", ["text"]} of a live state, with the EMA copies of the trained weights."""
+        paths = workdir_io.resolve(self.sampling_spec()["weights"], tuple(state.ema), use_ema)
+        return workdir_io.select(state, paths)
 
     def scheduler_dict(self) -> dict:
         """The training noise schedule in diffusers' scheduler names (`ldm_jax.pipeline.SchedulerConfig`)."""

@@ -16,15 +16,13 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from ldm_jax import sharding as shd
-from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data import tokenizers
 from ldm_jax.data.pipeline import dataset_captions
 from ldm_jax.interop import clip, common, pretrained, vae
+from ldm_jax.interop import workdir as workdir_io
 from ldm_jax.training.objective import ConfigError
 
 HOW_TO_FIRST_STAGE = (
@@ -32,10 +30,6 @@ HOW_TO_FIRST_STAGE = (
     "--config.first_stage.checkpoint=DIR, point it at a Stable Diffusion VAE (a diffusers folder or a .safetensors "
     "single-file checkpoint), or use a config with `first_stage_train` (two stages from one command)"
 )
-
-
-def _is_workdir(path: pathlib.Path) -> bool:
-    return (path / "checkpoints").is_dir()
 
 
 def check_first_stage(config: ml_collections.ConfigDict) -> None:
@@ -48,12 +42,14 @@ def check_first_stage(config: ml_collections.ConfigDict) -> None:
     path = pathlib.Path(ckpt)
     if not path.exists():
         raise ConfigError(f"first-stage checkpoint {path} does not exist: {HOW_TO_FIRST_STAGE}")
-    if path.is_dir() and not (_is_workdir(path) or (path / "config.json").exists() or (path / "vae").is_dir()):
+    if path.is_dir() and not (workdir_io.is_workdir(path) or (path / "config.json").exists() or (path / "vae").is_dir()):
         raise ConfigError(f"{path} is neither an autoencoder workdir (no checkpoints/) nor a diffusers VAE folder: "
                           f"{HOW_TO_FIRST_STAGE}")
-    if _is_workdir(path):
-        if Checkpointer(path / "checkpoints", async_save=False).latest_step() is None:
-            raise ConfigError(f"autoencoder workdir {path} has no complete checkpoint yet: {HOW_TO_FIRST_STAGE}")
+    if workdir_io.is_workdir(path):
+        try:
+            workdir_io.read_meta(path)
+        except FileNotFoundError:
+            raise ConfigError(f"autoencoder workdir {path} has no complete checkpoint yet: {HOW_TO_FIRST_STAGE}") from None
 
 
 def check_data(config: ml_collections.ConfigDict) -> None:
@@ -92,37 +88,31 @@ def _compare_kwargs(found: dict, expected: dict, where: str) -> None:
 def read_workdir_params(workdir: str | pathlib.Path, group: str, abstract: Any, use_ema: bool = True) -> tuple[Any, dict]:
     """(params of `group` — the EMA copy when saved —, meta) from the newest checkpoint of one of our workdirs.
 
-    `abstract` is the boxed or plain abstract tree of that group; only those arrays are read (partial restore).
+    Only that subtree is read (`ldm_jax.interop.workdir.read_arrays`); it must have the shapes of `abstract`
+    (the boxed or plain abstract tree of the group).
     """
-    ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"{workdir} has no complete checkpoint")
-    meta = ckpt.read_meta(step)
-    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-    plain = nn.meta.unbox(abstract)
-    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd.replicated(mesh)), plain)
-    path = ckpt.directory / str(step) / "state"
-    ema_groups = (meta.get("config") or {}).get("ema_groups") or (["model"] if meta.get("objective") == "ldm" else [])
-    field = "ema" if use_ema and group in ema_groups else "params"
-    item = {field: {group: target}}
     try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            path, args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                              partial_restore=True))
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"{workdir}: its checkpoint has no {field}[{group!r}] of the expected shapes ({e}); is it "
-                          "the right kind of workdir, trained with the same first_stage.kwargs?") from None
-    finally:
-        ckpt.close()
-    return restored[field][group], meta
+        meta, step = workdir_io.read_meta(workdir)
+        ema_groups = (meta.get("config") or {}).get("ema_groups") or (["model"] if meta.get("objective") == "ldm" else [])
+        paths = workdir_io.resolve({group: ("params", group)}, ema_groups, use_ema)
+        arrays, meta, _ = workdir_io.read_arrays(workdir, paths, step)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    except KeyError as e:
+        raise ConfigError(f"{workdir}: {e.args[0]}; is it the right kind of workdir?") from None
+    expected = jax.tree_util.tree_map(lambda a: tuple(a.shape), nn.meta.unbox(abstract))
+    found = jax.tree_util.tree_map(lambda a: tuple(a.shape), arrays[group])
+    if found != expected:
+        raise ConfigError(f"{workdir}: its checkpoint's {'/'.join(paths[group])} does not have the expected shapes; "
+                          "was it trained with the same first_stage.kwargs?")
+    return arrays[group], meta
 
 
 def load_first_stage(config: ml_collections.ConfigDict, module: nn.Module, abstract: Any) -> Any:
     """Host params of the first stage named by `config.first_stage.checkpoint` (see the module docstring)."""
     path = pathlib.Path(config.first_stage.checkpoint)
     kwargs = config.first_stage.kwargs.to_dict()
-    if _is_workdir(path):
+    if workdir_io.is_workdir(path):
         params, meta = read_workdir_params(path, "ae", abstract)
         found = (meta.get("first_stage") or {}).get("kwargs")
         if found:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ldm_jax.images import image_grid
+from ldm_jax.pipeline import Pipeline
 from ldm_jax.training.objective import Hook, HookContext
 
 log = logging.getLogger("ldm_jax.train")
@@ -25,26 +26,15 @@ def write_grid(images: np.ndarray, path: pathlib.Path, writer: Any, tag: str, st
         writer.flush()
 
 
-def sampling_pipeline(objective: Any, mesh: Any) -> Any:
-    """An `ldm_jax.pipeline.Pipeline` for the objective's models (weights are passed per call)."""
-    from ldm_jax.pipeline import Pipeline
-
-    sched = {**objective.scheduler_dict(), "scale_factor": 1.0}
-    text_kwargs = objective.text_kwargs
-    tokenizer = objective.tokenizer if text_kwargs is not None else None
-    if text_kwargs is not None and tokenizer is None:
+def sampling_pipeline(objective: Any, mesh: Any) -> Pipeline | None:
+    """A Pipeline for the objective's models from its `sampling_spec` (weights are passed per call); None for a
+    text model without a tokenizer."""
+    spec = objective.sampling_spec()
+    if spec["text"] is not None and objective.tokenizer is None:
         return None
-    return Pipeline.from_configs(objective.unet_kwargs, objective.vae_kwargs, text_kwargs, tokenizer, sched,
-                                 mesh=mesh, default_size=int(objective.config.image_size))
-
-
-def sample_params(objective: Any, state: Any) -> dict:
-    """{"unet", "vae", ["text"]} of the state, with EMA weights for the trained ones."""
-    model = state.ema.get("model", state.params["model"])
-    params = {"unet": model["unet"], "vae": state.frozen["first_stage"]}
-    if objective.text is not None:
-        params["text"] = model["text"] if objective.text_trainable else state.frozen["text"]
-    return params
+    tokenizer = objective.tokenizer if spec["text"] is not None else None
+    return Pipeline.from_configs(spec["unet"], spec["vae"], spec["text"], tokenizer, spec["scheduler"], mesh=mesh,
+                                 default_size=spec["image_size"])
 
 
 class SampleGrid(Hook):
@@ -76,7 +66,7 @@ class SampleGrid(Hook):
         images = self.pipeline.generate(
             prompts, sampler=cfg.sampler, schedule=cfg.schedule, steps=int(cfg.steps),
             guidance_scale=float(cfg.guidance_scale) if obj.text is not None else 1.0, seed=int(cfg.seed),
-            params=sample_params(obj, ctx.state),
+            params=obj.sampling_params(ctx.state),
         )
         if ctx.writer is not None:  # process 0 only
             write_grid(np.asarray(images), ctx.workdir / "samples" / f"step_{ctx.step:07d}.png", ctx.writer, "samples",

@@ -34,8 +34,8 @@ class Trainer:
     def __init__(self, objective: Objective):
         self.objective = objective
         self._init: dict[Any, Callable] = {}
-        self._steps: dict[Any, Callable] = {}
-        self._prepare: dict[Any, Callable] = {}
+        self._steps: dict[tuple[float, bool], Callable] = {}
+        self._in_mesh: dict[tuple[Callable, Mesh], Callable] = {}
 
     @classmethod
     def of(cls, objective: Objective) -> "Trainer":
@@ -108,15 +108,15 @@ class Trainer:
         step = self.step_fn(ema_cfg)
         # The objective sees the mesh while it is traced (jax.sharding.get_abstract_mesh()): optim.accumulate needs
         # it to run its shard_map. One wrapper per (step, mesh), so that runs in one process share compilations.
-        if (step, mesh) not in self._steps:
+        if (step, mesh) not in self._in_mesh:
             abstract = mesh.abstract_mesh
 
             def step_in_mesh(state, batch, key):
                 with jax.sharding.use_abstract_mesh(abstract):
                     return step(state, batch, key)
 
-            self._steps[(step, mesh)] = step_in_mesh
-        return jax.jit(self._steps[(step, mesh)], in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+            self._in_mesh[(step, mesh)] = step_in_mesh
+        return jax.jit(self._in_mesh[(step, mesh)], in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                        donate_argnums=(0,))
 
     @staticmethod

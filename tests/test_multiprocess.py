@@ -32,8 +32,9 @@ def _workers(tmp_path, port, steps, every, out, extra_env=None) -> list[subproce
     for pid in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid),
-               "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(extra_env or {})}
+               **(extra_env or {})}
+        # No persistent compilation cache: a process that finds the step in it reaches the first collective minutes
+        # before one that compiles, past gloo's 30 s rendezvous deadline (seen twice on a loaded machine).
         cmd = [sys.executable, str(HERE / "train_worker.py"), str(tmp_path / "mp"), "test", str(steps), str(every),
                str(out), "4,2,1"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

@@ -1,5 +1,5 @@
-"""SDXL conditioning shared by sampling and training: several tokenizers on one prompt, and the
-micro-conditioning ids (Podell et al. 2023, arXiv 2307.01952, sec. 2.2-2.3) with diffusers' defaults.
+"""Text conditioning inputs: the tokenizer(s) of a loaded checkpoint (`resolve_tokenizer`), and SDXL's, shared by
+sampling and training: several tokenizers on one prompt, and the micro-conditioning ids (Podell et al. 2023, arXiv 2307.01952, sec. 2.2-2.3) with diffusers' defaults.
 
 Base models take 6 ids per image: original size (h, w), crop top-left (top, left), target size (h, w);
 the refiner 5: original size, crop, aesthetic score. They reach the UNet through
@@ -7,9 +7,15 @@ the refiner 5: original size, crop, aesthetic score. They reach the UNet through
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+import inspect
+import os
+import pathlib
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from ldm_jax.data import tokenizers
+from ldm_jax.interop import sdxl as sdxl_io
 
 Tokenizer = Callable[[Sequence[str]], np.ndarray]
 Size = tuple[int, int]
@@ -94,3 +100,48 @@ def handoff_steps(timesteps: np.ndarray, num_train_timesteps: int, *, denoising_
         raise ValueError(f"denoising_start={denoising_start} / denoising_end={denoising_end} leave no step of "
                          f"{len(timesteps)}")
     return first, last
+
+
+def added_inputs(unet: Any, text_encoder: Any, micro: Mapping[str, Any], height: int, width: int,
+                 zero: bool) -> dict | None:
+    """SDXL's traced extras of one generate() call: micro-conditioning rows {cond, uncond} (1, n) and keep (1,)
+    of the negatives (0: force_zeros_for_empty_prompt); None for a UNet without added conditioning."""
+    if unet.adm_in_channels is None or text_encoder is None:
+        return None
+    known = set(inspect.signature(micro_ids).parameters) - {"n_ids", "height", "width"}
+    if set(micro) - known:
+        raise TypeError(f"unknown generate() arguments {sorted(set(micro) - known)}; micro-conditioning takes "
+                        f"{sorted(known)}")
+    n_ids = n_micro_ids(unet.adm_in_channels, text_encoder.pooled_dim, unet.addition_time_embed_dim)
+    cond, uncond = micro_ids(n_ids, height, width, **micro)
+    return {"cond": cond[None], "uncond": uncond[None], "keep": np.full((1,), 0.0 if zero else 1.0, np.float32)}
+
+
+def resolve_tokenizer(text_kwargs: Mapping[str, Any] | None, tokenizer_dir: Any, tokenizer: Any = None) -> Any:
+    """The tokenizer of a loaded checkpoint: `tokenizer` (a folder or an object) if given, else its own folder(s);
+    SDXL gets a `MultiTokenizer` (one per text tower); None for a model without text encoder."""
+    tok = None
+    towers = (text_kwargs or {}).get("encoders")
+    if towers is not None:  # SDXL: one tokenizer per tower (a dict, or a diffusers SDXL folder for single files)
+        dirs = tokenizer_dir
+        if tokenizer is not None and isinstance(tokenizer, (str, os.PathLike)):
+            root = pathlib.Path(tokenizer)
+            dirs = {n: str(root / sdxl_io.TOKENIZERS[n]) for n in towers}
+        elif tokenizer is not None:
+            dirs = tokenizer
+        if not dirs or set(dirs) != set(towers):
+            raise ValueError(f"this SDXL checkpoint's towers {sorted(towers)} need their tokenizers: pass tokenizer="
+                             "a diffusers SDXL folder (with tokenizer/ and tokenizer_2/) or {tower: tokenizer}")
+        tok = MultiTokenizer({n: tokenizers.load_tokenizer(d) if isinstance(d, (str, os.PathLike)) else d
+                              for n, d in ((n, dirs[n]) for n in towers)})
+    elif text_kwargs is not None:
+        if tokenizer is not None:
+            tok = tokenizers.load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        elif tokenizer_dir is not None:
+            tok = tokenizers.load_tokenizer(tokenizer_dir, max_length=int(text_kwargs.get("max_length", 77)))
+        else:
+            raise ValueError(
+                "this checkpoint has a text encoder but no tokenizer files: pass tokenizer=PATH (a folder with "
+                "CLIP's vocab.json and merges.txt, e.g. the tokenizer/ folder of a diffusers SD model)"
+            )
+    return tok

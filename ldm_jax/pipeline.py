@@ -13,9 +13,7 @@ DDIM with `set_alpha_to_one=False` ends at ᾱ_0) returns x_vp = x_σ / sqrt(1+�
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import inspect
 import logging
 import os
 import pathlib
@@ -29,95 +27,16 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from ldm_jax import conditioning, pipeline_lora, sampling, sharding
-from ldm_jax.diffusion import denoisers, schedules
-from ldm_jax.data import tokenizers
+from ldm_jax import pipeline_inputs as inputs
+from ldm_jax.pipeline_inputs import PREDICTION_TYPES, SchedulerConfig  # noqa: F401 - public names of this module
+from ldm_jax.diffusion import denoisers
 from ldm_jax.interop import pretrained
-from ldm_jax.interop import sdxl as sdxl_io
 from ldm_jax.interop import workdir as workdir_io
 from ldm_jax.models import autoencoder, text, unet
 
 log = logging.getLogger(__name__)
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-@dataclasses.dataclass
-class SchedulerConfig:
-    """The training noise schedule of a model (diffusers' scheduler_config fields)."""
-
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
-    scale_factor: float = 0.18215
-    trained_betas: tuple[float, ...] | None = None
-    # where discrete-timestep schedules (ddim_uniform) put their steps, as diffusers' DDIM reads them
-    timestep_spacing: str = "leading"
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False
-    rescale_betas_zero_snr: bool = False  # Lin et al. 2023; pair with timestep_spacing "trailing"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SchedulerConfig":
-        """Keeps the known keys of a diffusers/Pretrained scheduler dict."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def alphas_cumprod(self) -> np.ndarray:
-        """ᾱ_t for t = 0..T-1 in float64."""
-        # diffusers' names: "linear" is a plain linspace (ours "linear_diffusers"), "scaled_linear" is LDM's "linear".
-        name = {"linear": "linear_diffusers"}.get(self.beta_schedule, self.beta_schedule)
-        if self.trained_betas is not None:
-            betas = np.asarray(self.trained_betas, np.float64)
-        else:
-            betas = schedules.make_betas(
-                name, self.num_train_timesteps, linear_start=self.beta_start, linear_end=self.beta_end
-            )
-        if not self.rescale_betas_zero_snr:
-            return schedules.alphas_cumprod(betas)
-        ac = schedules.alphas_cumprod(schedules.rescale_zero_terminal_snr(betas))
-        ac[-1] = schedules.ZERO_SNR_ALPHA_CUMPROD  # σ = 4096 instead of ∞, as diffusers' σ-space schedulers
-        return ac
-
-
-def _as_host_ids(tokenizer: Callable[[Sequence[str]], np.ndarray], texts: Sequence[str]) -> np.ndarray:
-    ids = np.asarray(tokenizer(list(texts)), dtype=np.int32)
-    if ids.ndim not in (2, 3) or ids.shape[0] != len(texts):  # (B, towers, L) for several text towers (SDXL)
-        raise ValueError(f"tokenizer returned shape {ids.shape} for {len(texts)} texts; expected (B, L)")
-    return ids
-
-
-def _to_list(x: str | Sequence[str] | None, n: int | None, what: str) -> list[str] | None:
-    if x is None:
-        return None
-    items = [x] if isinstance(x, str) else list(x)
-    if not all(isinstance(s, str) for s in items):
-        raise TypeError(f"{what} must be a string or a list of strings, got {items!r}")
-    if n is not None and len(items) == 1 and n > 1:
-        items = items * n
-    if n is not None and len(items) != n:
-        raise ValueError(f"{what}: got {len(items)} entries for {n} images")
-    return items
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything that shapes the compiled program (a new value compiles a new program)."""
-
-    sampler: str
-    options: tuple[tuple[str, Any], ...]
-    n_sigmas: int
-    batch: int
-    latent_hw: tuple[int, int]
-    mode: str  # txt2img | img2img | inpaint
-    from_image: bool  # start from the noised image latents (strength < 1) rather than pure noise
-    has_latents: bool
-    output: str
-    continues: bool = False  # `latents` are a previous stage's partly denoised output (denoising_start)
-
-
-class Pipeline:
+class Pipeline(pipeline_lora.LoraMethods):
     """A latent diffusion model ready to sample: modules, (optional) params, tokenizer and schedule.
 
     `params` is {"unet": ..., "vae": ..., "text": ...} (plain trees). Pass `params=` to `generate`
@@ -146,7 +65,7 @@ class Pipeline:
         self.alphas_cumprod = self.scheduler.alphas_cumprod()
         self.model_sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
         self.params = None if params is None else self._place(params)
-        self._programs: dict[_Static, Callable] = {}
+        self._programs: dict[inputs.ProgramKey, Callable] = {}
         self.trace_count = 0  # incremented each time a program is traced (tests count recompiles)
         self.loras = pipeline_lora.PipelineLoras()  # load_lora / set_lora_scale / merge_loras
         # Image side used when generate() gets no height/width (SD1: 512; our small models: their data size).
@@ -257,7 +176,7 @@ class Pipeline:
         z = vae.apply({"params": vae_params}, img, method="encode_latent")
         return z * (self.scheduler.scale_factor if scale is None else scale)
 
-    def _program(self, st: _Static) -> Callable:
+    def _program(self, st: inputs.ProgramKey) -> Callable:
         if st in self._programs:
             return self._programs[st]
         info = sampling.sampler_info(st.sampler)
@@ -327,29 +246,6 @@ class Pipeline:
         return int(self.unet.in_channels) == 2 * self.latent_channels + 1
 
     # ------------------------------------------------------------------ LoRAs (ldm_jax/pipeline_lora.py)
-    def load_lora(self, path: str | os.PathLike, *, name: str | None = None, scale: float = 1.0) -> str:
-        """Loads a diffusers/peft or kohya LoRA file, applied at `scale` from the next call on; returns its name."""
-        return self.loras.load(self, path, name=name, scale=scale)
-
-    def set_lora_scale(self, name: str, scale: float) -> None:
-        """Changes a loaded LoRA's scale; the compiled programs are reused."""
-        self.loras.set_scale(name, scale)
-
-    def remove_lora(self, name: str) -> None:
-        self.loras.remove(name)
-
-    def merge_loras(self) -> None:
-        """Bakes the loaded LoRAs into the weights at their current scales (`unmerge_loras` restores them exactly)."""
-        self.params = self.loras.merge(self.params)
-
-    def unmerge_loras(self) -> None:
-        self.params = self.loras.unmerge()
-
-    def lora_kwargs(self) -> dict[str, Any]:
-        """{"unet", ["text"]: constructor kwargs}: what `ldm_jax.interop.lora.save/load` need for this pipeline."""
-        return {m: pipeline_lora.module_kwargs(getattr(self, a)) for m, a in pipeline_lora.MODELS.items()
-                if getattr(self, a, None) is not None}
-
     # ------------------------------------------------------------------ public API
     def generate(
         self,
@@ -404,13 +300,13 @@ class Pipeline:
                 raise ValueError("this model is text-conditional: pass a list of prompts, not a count")
             n, prompt_list = prompts, None
         else:
-            prompt_list = _to_list(prompts, None, "prompts")
+            prompt_list = inputs.to_list(prompts, None, "prompts")
             if self.text_encoder is None:
                 raise ValueError("this model has no text encoder: pass the number of images instead of prompts")
             n = len(prompt_list)
         if n < 1:
             raise ValueError("nothing to generate: no prompts / zero images")
-        negs = _to_list(negative_prompts if negative_prompts is not None else "", n, "negative_prompts")
+        negs = inputs.to_list(negative_prompts if negative_prompts is not None else "", n, "negative_prompts")
         height = height or self.default_size
         width = width or self.default_size
         f = self.downsample
@@ -446,10 +342,11 @@ class Pipeline:
             want = (n, *hw, self.latent_channels)
             if latents.shape != want:
                 raise ValueError(f"latents have shape {latents.shape}, expected {want}")
-        images = self._prepare_images(_image, _mask, n, height, width)
-        added = self._added(micro, height, width, zero=negative_prompts is None and self.force_zeros_for_empty_prompt)
+        images = inputs.prepare_images(_image, _mask, n, height, width)
+        zero = negative_prompts is None and self.force_zeros_for_empty_prompt
+        added = conditioning.added_inputs(self.unet, self.text_encoder, micro, height, width, zero=zero)
 
-        st = _Static(sampler, tuple(sorted((sampler_options or {}).items())), len(sigmas), bs, hw, mode,
+        st = inputs.ProgramKey(sampler, tuple(sorted((sampler_options or {}).items())), len(sigmas), bs, hw, mode,
                      from_image, latents is not None, output, continues=denoising_start is not None)
         program = self._program(st)
         key = jax.random.key(seed) if isinstance(seed, int) else seed
@@ -466,19 +363,19 @@ class Pipeline:
             unc = self._ids([negs[j] for j in idx]) if prompt_list is not None else None
             args = [
                 params,
-                None if cond is None else _global(cond, bsh(cond.ndim)),
-                None if unc is None else _global(unc, bsh(unc.ndim)),
+                None if cond is None else inputs.global_array(cond, bsh(cond.ndim)),
+                None if unc is None else inputs.global_array(unc, bsh(unc.ndim)),
                 jnp.float32(guidance_scale),
-                _global_keys(key, idx, self.mesh),
-                None if latents is None else _global(latents[idx], bsh(4)),
+                inputs.global_keys(key, idx, self.mesh),
+                None if latents is None else inputs.global_array(latents[idx], bsh(4)),
                 jnp.asarray(sigmas),
-                None if images[0] is None else _global(images[0][idx], bsh(4)),
-                None if images[1] is None else _global(images[1][idx], bsh(3)),
+                None if images[0] is None else inputs.global_array(images[0][idx], bsh(4)),
+                None if images[1] is None else inputs.global_array(images[1][idx], bsh(3)),
                 jnp.float32(self.scheduler.scale_factor),
-                None if added is None else {k: _global(np.broadcast_to(v, (bs, *v.shape[1:])), bsh(v.ndim))
+                None if added is None else {k: inputs.global_array(np.broadcast_to(v, (bs, *v.shape[1:])), bsh(v.ndim))
                                             for k, v in added.items()},
             ]
-            res = _fetch(program(*args))
+            res = inputs.fetch(program(*args))
             out.append(res[: min(bs, n - start)])
         res = np.concatenate(out, axis=0)
         if output == "uint8":
@@ -507,100 +404,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ helpers
     def _ids(self, texts: Sequence[str]) -> np.ndarray:
-        return _as_host_ids(self.tokenizer, texts)
+        return inputs.as_host_ids(self.tokenizer, texts)
 
     def _timesteps(self, sigmas: np.ndarray) -> np.ndarray:
         """The (fractional) training timestep of each σ > 0 (interpolated in log σ, as k-diffusion's sigma_to_t)."""
         return np.interp(np.log(sigmas), np.log(self.model_sigmas), np.arange(len(self.model_sigmas)))
 
-    def _added(self, micro: Mapping[str, Any], height: int, width: int, zero: bool) -> dict | None:
-        """SDXL's traced extras: micro-conditioning rows {cond, uncond} (1, n) and keep (1,) of the negatives."""
-        if self.unet.adm_in_channels is None or self.text_encoder is None:
-            return None
-        known = set(inspect.signature(conditioning.micro_ids).parameters) - {"n_ids", "height", "width"}
-        if set(micro) - known:
-            raise TypeError(f"unknown generate() arguments {sorted(set(micro) - known)}; micro-conditioning takes "
-                            f"{sorted(known)}")
-        n_ids = conditioning.n_micro_ids(self.unet.adm_in_channels, self.text_encoder.pooled_dim,
-                                         self.unet.addition_time_embed_dim)
-        cond, uncond = conditioning.micro_ids(n_ids, height, width, **micro)
-        return {"cond": cond[None], "uncond": uncond[None], "keep": np.full((1,), 0.0 if zero else 1.0, np.float32)}
-
-    def _prepare_images(self, image, mask, n, height, width):
-        if image is None:
-            return None, None
-        img = np.asarray(image)
-        if img.ndim == 3:
-            img = np.broadcast_to(img[None], (n, *img.shape))
-        if img.ndim != 4 or img.shape[-1] != 3 or img.shape[0] != n:
-            raise ValueError(f"image must be (H,W,3) or ({n},H,W,3), got {img.shape}")
-        if img.shape[1:3] != (height, width):
-            raise ValueError(f"image is {img.shape[1]}x{img.shape[2]} but height x width is {height}x{width}")
-        img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
-        img = img * 2.0 - 1.0
-        if mask is None:
-            return img, None
-        m = np.asarray(mask)
-        if m.ndim == 4 and m.shape[-1] == 1:
-            m = m[..., 0]
-        if m.ndim == 2:
-            m = np.broadcast_to(m[None], (n, *m.shape))
-        if m.shape != (n, height, width):
-            raise ValueError(f"mask must be (H,W) or ({n},H,W) matching the image, got {np.asarray(mask).shape}")
-        m = m.astype(np.float32) / 255.0 if m.dtype == np.uint8 else m.astype(np.float32)
-        return img, (m >= 0.5).astype(np.float32)
-
-
-def _global(x: np.ndarray, sh: jax.sharding.NamedSharding) -> jax.Array:
-    """A global array from a host array every process holds in full (works single- and multi-process)."""
-    x = np.ascontiguousarray(x)
-    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
-
-def _global_keys(key: jax.Array, idx: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Raw data of the per-image keys fold_in(key, j), sharded like the batch (a host array every process holds)."""
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
-    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.asarray(idx, jnp.uint32))
-    data = np.asarray(jax.random.key_data(keys))
-    return _global(data, sharding.batch_sharding(mesh, data.ndim))
-
-
-def _fetch(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 # ---------------------------------------------------------------------- loading
 def from_pretrained_struct(p: Any, *, tokenizer: Any = None, mesh: Mesh | None = None) -> Pipeline:
     """A Pipeline from `ldm_jax.interop.pretrained.Pretrained` (kwargs + params + schedule + tokenizer dir)."""
-    tok = None
     towers = (p.text_kwargs or {}).get("encoders")
-    if towers is not None:  # SDXL: one tokenizer per tower (a dict, or a diffusers SDXL folder for single files)
-        dirs = p.tokenizer_dir
-        if tokenizer is not None and isinstance(tokenizer, (str, os.PathLike)):
-            root = pathlib.Path(tokenizer)
-            dirs = {n: str(root / sdxl_io.TOKENIZERS[n]) for n in towers}
-        elif tokenizer is not None:
-            dirs = tokenizer
-        if not dirs or set(dirs) != set(towers):
-            raise ValueError(f"this SDXL checkpoint's towers {sorted(towers)} need their tokenizers: pass tokenizer="
-                             "a diffusers SDXL folder (with tokenizer/ and tokenizer_2/) or {tower: tokenizer}")
-        tok = conditioning.MultiTokenizer({n: tokenizers.load_tokenizer(d) if isinstance(d, (str, os.PathLike)) else d
-                                           for n, d in ((n, dirs[n]) for n in towers)})
-    elif p.text_kwargs is not None:
-        if tokenizer is not None:
-            tok = tokenizers.load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-        elif p.tokenizer_dir is not None:
-            tok = tokenizers.load_tokenizer(p.tokenizer_dir, max_length=int(p.text_kwargs.get("max_length", 77)))
-        else:
-            raise ValueError(
-                "this checkpoint has a text encoder but no tokenizer files: pass tokenizer=PATH (a folder with "
-                "CLIP's vocab.json and merges.txt, e.g. the tokenizer/ folder of a diffusers SD model)"
-            )
+    tok = conditioning.resolve_tokenizer(p.text_kwargs, p.tokenizer_dir, tokenizer)
     pipe = Pipeline.from_configs(p.unet_kwargs, p.vae_kwargs, p.text_kwargs, tok, p.scheduler, p.params, mesh=mesh)
     f = pipe.downsample
     pipe.default_size = int(p.sample_size * f) if p.sample_size else pipe.default_size

@@ -99,3 +99,33 @@ def apply(params: Mapping[str, Any]) -> dict[str, Any]:
         if these:
             params[m] = lora.apply(params[m], these)
     return params
+
+
+class LoraMethods:
+    """The Pipeline's LoRA methods (its `loras` attribute is a `PipelineLoras`)."""
+
+    loras: PipelineLoras
+    params: Any
+
+    def load_lora(self, path: str | os.PathLike, *, name: str | None = None, scale: float = 1.0) -> str:
+        """Loads a diffusers/peft or kohya LoRA file, applied at `scale` from the next call on; returns its name."""
+        return self.loras.load(self, path, name=name, scale=scale)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Changes a loaded LoRA's scale; the compiled programs are reused."""
+        self.loras.set_scale(name, scale)
+
+    def remove_lora(self, name: str) -> None:
+        self.loras.remove(name)
+
+    def merge_loras(self) -> None:
+        """Bakes the loaded LoRAs into the weights at their current scales (`unmerge_loras` restores them exactly)."""
+        self.params = self.loras.merge(self.params)
+
+    def unmerge_loras(self) -> None:
+        self.params = self.loras.unmerge()
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """{"unet", ["text"]: constructor kwargs}: what `ldm_jax.interop.lora.save/load` need for this pipeline."""
+        return {m: module_kwargs(getattr(self, a)) for m, a in MODELS.items()
+                if getattr(self, a, None) is not None}

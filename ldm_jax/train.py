@@ -49,7 +49,7 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, 
     hooks = [*objective.hooks(), *eval_hook.eval_hooks(config, objective, workdir)]  # config.eval: FID/KID/CLIP
     if times is None:
         return loop.train(config, workdir, objective, hooks=hooks)
-    mesh = sharding.mesh_from_config(config.mesh)
+    workdir, mesh = loop.setup(config, workdir, objective)  # bad input fails before the data is opened
     with times(f"{name}/data: open (+ cache build)"):
         dataset = objective.make_dataset(mesh)
     try:

@@ -91,7 +91,7 @@ def train(
     `dataset` defaults to `objective.make_dataset(mesh)` (closed at the end); `hooks` run after the steps
     they are due at, after the loop's own (scalars, progress bar, checkpoint).
     """
-    workdir, mesh = _setup(config, workdir, objective, mesh)
+    workdir, mesh = setup(config, workdir, objective, mesh)
     trainer, total = Trainer.of(objective), int(config.num_steps)
     stop = total if max_steps is None else min(total, max_steps)
     with contextlib.ExitStack() as stack:
@@ -135,9 +135,10 @@ def train(
     return TrainResult(state=state, losses=watch.losses, stopped=stopped, start_step=start)
 
 
-def _setup(config, workdir, objective: Objective, mesh: Mesh | None) -> tuple[pathlib.Path, Mesh]:
+def setup(config, workdir, objective: Objective, mesh: Mesh | None = None) -> tuple[pathlib.Path, Mesh]:
     """Checks the workdir, the config against the mesh and the objective's files (config.json is written only
-    once the run is known to fit the workdir: `workdir.record_config` after the restore)."""
+    once the run is known to fit the workdir: `workdir.record_config` after the restore). `train` calls it; an
+    entry point that opens the dataset itself calls it first, so bad input fails before any data work."""
     workdir = pathlib.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a new or existing directory")

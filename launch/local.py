@@ -58,7 +58,9 @@ def launch(cmd: list[str], num_processes: int, devices_per_process: int | None =
     deadline = None if timeout is None else time.monotonic() + timeout
     code = 0
     try:
-        while any(p.poll() is None for p in procs):
+        # poll every process each round (any() over a generator stops at the first running one, and a process that
+        # was never polled has returncode None: a failure behind a still-running process 0 went unseen)
+        while any([p.poll() is None for p in procs]):
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             if failed or (deadline is not None and time.monotonic() > deadline):
                 code = failed[0] if failed else 124

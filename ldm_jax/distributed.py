@@ -26,6 +26,7 @@ import jax
 from jax._src import distributed as _jax_distributed  # the runtime client has no public handle
 
 HEARTBEAT_ENV = "LDM_JAX_HEARTBEAT_TIMEOUT"
+_PUBLISH_S = 5.0  # at most this long to publish a failure before exiting
 PEER_FAILED = 75  # exit status of a process stopped because another one failed (EX_TEMPFAIL: re-run resumes)
 _KEY = "ldm_jax/failed/"
 _POLL_S = 1.0
@@ -81,12 +82,19 @@ def fail(reason: str, code: int = 1) -> None:
     """Publishes `process N failed: reason` for the other processes and exits now, skipping the shutdown barrier."""
     me = jax.process_index()
     _state["exiting"] = True
-    try:
-        client().key_value_set(f"{_KEY}{me}", f"process {me} failed: {reason}")
-        if me == 0:  # the service lives in this process: give the others time to read the line
-            time.sleep(3 * _POLL_S)
-    except Exception:  # noqa: BLE001 - the service may already be gone; exiting matters more
-        pass
+
+    def publish() -> None:
+        try:
+            client().key_value_set(f"{_KEY}{me}", f"process {me} failed: {reason}")
+        except Exception:  # noqa: BLE001 - the service may already be gone; exiting matters more
+            pass
+
+    # Bounded: when process 0 (which hosts the service) is already shutting down, the call can block for minutes.
+    writer = threading.Thread(target=publish, name="ldm_jax-fail", daemon=True)
+    writer.start()
+    writer.join(_PUBLISH_S)
+    if me == 0 and not writer.is_alive():  # the service lives in this process: give the others time to read it
+        time.sleep(3 * _POLL_S)
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(code)

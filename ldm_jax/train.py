@@ -88,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.
         wall = time.perf_counter() - t0
         print(times.summary(total=wall, title="time per stage"), flush=True)
         (workdir / "timing.json").write_text(
-            json.dumps({"wall_seconds": round(wall, 2), "stages": times.to_dict()}, indent=2) + "\n")
+            json.dumps({"wall_seconds": round(wall, 3), "stages": times.to_dict()}, indent=2) + "\n")
     return result
 
 

@@ -32,8 +32,10 @@ def test_main_job_smoke_leaves_scores_samples_and_logs(tmp_path):
     assert stages["stage 1/first step (trace + compile)"]["count"] == 1 and stages["stage 2/data"]["count"] == 4
     assert stages["stage 2/hook: samples"]["count"] == 1 and stages["final eval"]["count"] == 1
     top = sum(v["seconds"] for k, v in stages.items() if "/" not in k)
-    assert top <= timing["wall_seconds"] and sum(v["seconds"] for k, v in stages.items() if k.startswith("stage 2/")) \
-        <= stages["stage 2"]["seconds"] + 0.01
+    # the stages cover the wall time with little left over (each value is rounded to 1 ms: allow that per term)
+    assert 0.5 * timing["wall_seconds"] < top <= timing["wall_seconds"] + 0.001 * len(stages)
+    assert sum(v["seconds"] for k, v in stages.items() if k.startswith("stage 2/")) \
+        <= stages["stage 2"]["seconds"] + 0.001 * len(stages)
 
     ae = [json.loads(line) for line in (wd / "first_stage" / "reconstructions" / "metrics.jsonl").read_text().splitlines()]
     assert ae[-1]["step"] == 4 and 0.0 <= ae[-1]["color_kept"] <= 1.0 and ae[-1]["psnr"] > 0

@@ -57,25 +57,19 @@ def _steps(ckdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in ckdir.glob("*") if p.name.isdigit()) if ckdir.exists() else []
 
 
-def test_two_processes_match_one_process_and_survive_kill9(tmp_path):
-    procs = _workers(tmp_path, _free_port(), STEPS, 1000, tmp_path / "mp.json")
-    outs = _finish(procs)
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    mp = json.loads((tmp_path / "mp.json").read_text())
-    assert mp["processes"] == 2 and mp["devices"] == 8 and mp["step"] == STEPS
-
-    # kill -9 of process 1 while both train on (checkpoint every 2 steps): process 0 must not hang in a collective
+def test_two_processes_survive_kill9_and_resume_to_the_one_process_losses(tmp_path):
+    # kill -9 of process 1 while both train (checkpoint every 2 steps): process 0 must not hang in a collective
     heartbeat = 30  # a short bound, yet long enough for a loaded CI machine to keep its heartbeats
     ck = tmp_path / "mp" / "checkpoints"
     procs = _workers(tmp_path, _free_port(), 100_000, 2, tmp_path / "never.json", {"LDM_JAX_HEARTBEAT_TIMEOUT": str(heartbeat)})
     try:
         deadline = time.monotonic() + 600
-        while max(_steps(ck)) < STEPS + 1 and time.monotonic() < deadline and procs[0].poll() is None:
+        while max(_steps(ck), default=0) < STEPS + 1 and time.monotonic() < deadline and procs[0].poll() is None:
             time.sleep(0.2)
-        if max(_steps(ck)) <= STEPS:
+        if max(_steps(ck), default=0) <= STEPS:
             for p in procs:
                 p.kill()
-            pytest.fail("the resumed run saved no checkpoint: " + " | ".join(p.communicate()[0][-2000:] for p in procs))
+            pytest.fail("the 2-process run saved no checkpoint: " + " | ".join(p.communicate()[0][-2000:] for p in procs))
         procs[1].kill()
         killed = time.monotonic()
         out0 = procs[0].communicate(timeout=heartbeat + 60)[0]
@@ -96,15 +90,18 @@ def test_two_processes_match_one_process_and_survive_kill9(tmp_path):
     outs = _finish(procs)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["processes"] == 2 and resumed["devices"] == 8
     assert resumed["start"] == resume_at and resumed["step"] == total
 
     # The reference: one process, 8 devices, the same (data 4 x fsdp 2) mesh and the same objective as
-    # test_training's sharded test (its compiled step is reused when both run in one pytest process).
+    # test_training's sharded test (its compiled step is reused when both run in one pytest process). The resumed
+    # losses match it only if the 2-process run's first `resume_at` steps (before the kill) gave the one-process
+    # state, and the checkpoint and the resumed 2-process steps are exact.
     config = tiny_config("test", num_steps=total, mesh=(4, 2, 1), **{"checkpoint.every": 1000})
     mesh = shd.mesh_from_config(config.mesh)
     single = loop.train(config, tmp_path / "sp", objective=shared_objective("test"), dataset=batches(config, mesh),
                         mesh=mesh)
-    np.testing.assert_allclose(mp["losses"], single.losses[:STEPS], rtol=1e-6, atol=1e-7)
+    assert len(resumed["losses"]) == 2
     np.testing.assert_allclose(resumed["losses"], single.losses[resume_at:], rtol=1e-6, atol=1e-7)
 
 

@@ -9,42 +9,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tensorflow must never take an accelerator
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
 # One persistent compilation cache for the whole run, empty at its start (never the user's ~/.cache, so a run does not
 # depend on what an earlier one left): a program that several tests compile (the tiny models' steps and samplers,
-# in this process and in the command-line programs the tests start) is compiled once. LDM_JAX_COMPILE_CACHE=off (or
+# in the pytest workers and in the command-line programs the tests start) is compiled once. LDM_JAX_COMPILE_CACHE=off (or
 # a folder) overrides it. The multi-process workers do not turn it on (see test_multiprocess).
-os.environ.setdefault("LDM_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="ldm_jax_test_xla_"))
-
-from jax import monitoring  # noqa: E402
+_OWN_CACHE = "LDM_JAX_COMPILE_CACHE" not in os.environ  # False in pytest-xdist's workers: they inherit the folder
+if _OWN_CACHE:
+    os.environ["LDM_JAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="ldm_jax_test_xla_")
 
 from ldm_jax import compile_cache  # noqa: E402
 
-compile_cache.enable()
-_CACHE_STATS = {"hits": 0, "saved_s": 0.0}
-
-
-def _on_event(event: str, **kwargs) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _CACHE_STATS["hits"] += 1
-
-
-def _on_duration(event: str, duration: float, **kwargs) -> None:
-    if event == "/jax/compilation_cache/compile_time_saved_sec":
-        _CACHE_STATS["saved_s"] += duration
-
-
-monitoring.register_event_listener(_on_event)
-monitoring.register_event_duration_secs_listener(_on_duration)
-
-
-def pytest_terminal_summary(terminalreporter):
-    terminalreporter.write_line(f"persistent compilation cache ({os.environ['LDM_JAX_COMPILE_CACHE']}): "
-                                f"{_CACHE_STATS['hits']} hits in this process, {_CACHE_STATS['saved_s']:.0f} s of "
-                                "compiling saved")
+compile_cache.enable()  # in this process too (pytest-xdist's workers share the folder: the environment is inherited)
 
 GOLDENS = pathlib.Path(__file__).parent / "goldens"
 
@@ -52,3 +32,8 @@ GOLDENS = pathlib.Path(__file__).parent / "goldens"
 @pytest.fixture(scope="session")
 def goldens_dir() -> pathlib.Path:
     return GOLDENS
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made the folder removes it at the end
+        shutil.rmtree(os.environ["LDM_JAX_COMPILE_CACHE"], ignore_errors=True)

@@ -5,6 +5,9 @@ the same command again resumes from the newest complete checkpoint. A config tha
 `first_stage_train` (a nested autoencoder training config) is a two-stage job: the autoencoder is
 trained first into DIR/first_stage (resumable, skipped once finished), then the LDM stage loads it
 as its frozen first stage (with `scale_by_std` when the config asks for it).
+
+`--dry_run` prints the state's memory per device on the config's mesh (shape-only, `training/memory.py`;
+`--devices=N` plans for N devices instead of the visible ones) and exits without reading weights or data.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from ml_collections import config_flags
 from ldm_jax import cli, evaluation, sharding
 from ldm_jax.checkpoint import CheckpointSaveError, Checkpointer, DamagedCheckpointError
 from ldm_jax.data.builders import DataError
-from ldm_jax.training import eval_hook, loop, registry
+from ldm_jax.training import eval_hook, loop, memory, registry
 from ldm_jax.training.objective import ConfigError
 from ldm_jax.training.timing import StageTimes, timed_hooks
 
@@ -105,6 +108,9 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         sys.exit(f"config error: {cli.one_line(e)}")
     try:
+        if flags.FLAGS.dry_run:
+            print(memory.report(cfg, registry.make_objective(cfg), flags.FLAGS.devices or None), flush=True)
+            return
         run(cfg, flags.FLAGS.workdir)
     except (ConfigError, DataError) as e:
         logging.error("%s", e)
@@ -117,6 +123,8 @@ def main(argv: list[str]) -> None:
 def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG]", lock_config=True)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, TensorBoard logs and samples")
+    flags.DEFINE_bool("dry_run", False, "print the parameter / optimizer-state memory per device and exit")
+    flags.DEFINE_integer("devices", 0, "with --dry_run: the device count to plan the mesh for (0: the visible ones)")
     flags.mark_flags_as_required(["config", "workdir"])
 
 

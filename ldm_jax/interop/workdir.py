@@ -6,10 +6,11 @@ Every checkpoint's meta (`WORKDIR/checkpoints/<step>/meta`, JSON) of a latent-di
   scheduler          the training noise schedule in diffusers' names, plus the run's scale_factor
   image_size         the training image side
   conditioning       "text" | "none" | "class"
-  tokenizer          the tokenizer's path (relative: inside the workdir), or null
+  tokenizer          the tokenizer's path (relative: inside the workdir), or null; SDXL: {tower: path}
   weights            where each sampled tree lives in the state: {"unet": ["params", "model", "unet"],
                      "vae": ["frozen", "first_stage"], ["text": ...]}
   ema_groups         parameter groups with an EMA copy: a "params" path of one reads "ema" when use_ema
+  options            pipeline options (`Pretrained.options`; SDXL: force_zeros_for_empty_prompt), may be absent
 So reading a workdir needs this module and `ldm_jax.checkpoint` only, never the training code. Arrays are
 read by partial restore (only the named subtrees, shapes from the checkpoint's own metadata).
 """
@@ -133,6 +134,8 @@ def load_workdir(workdir: str | pathlib.Path, *, step: int | None = None, use_em
     params, meta, step = read_arrays(workdir, resolve(spec["weights"], spec["ema_groups"], use_ema), step)
     f = 2 ** (len(spec["vae"]["ch_mult"]) - 1)
     tok = spec["tokenizer"]
+    tok = None if tok is None else {n: str(workdir / t) for n, t in tok.items()} if isinstance(tok, Mapping) \
+        else str(workdir / tok)
     p = Pretrained(_tuples(spec["unet"]), _tuples(spec["vae"]), _tuples(spec["text"]), params, dict(spec["scheduler"]),
-                   tokenizer_dir=None if tok is None else str(workdir / tok), sample_size=int(spec["image_size"]) // f)
+                   tokenizer_dir=tok, sample_size=int(spec["image_size"]) // f, options=dict(spec.get("options") or {}))
     return p, {**meta, "step": step}

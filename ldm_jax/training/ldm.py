@@ -2,13 +2,14 @@
 
 A frozen first stage maps images to latents z = scale_factor · E(x) (`scale_by_std`: scale_factor =
 1/std of the first batch's latents, stored in the state); a UNet learns to predict eps / v / x0 from
-z_t = sqrt(ᾱ_t)·z + sqrt(1−ᾱ_t)·ε. Conditioning: text (frozen CLIP or a jointly trained encoder),
-class labels (LDM's class embedder as cross-attention context, or ADM-style `y`), or none; with
-probability `cond.drop_prob` the condition is replaced by the empty prompt / the null class inside the
-jitted step, so one model serves classifier-free guidance.
+z_t = sqrt(ᾱ_t)·z + sqrt(1−ᾱ_t)·ε. Conditioning: text (frozen CLIP or a jointly trained encoder; SDXL's two
+towers with the pooled text + micro-conditioning vector `y`: training/text_conditioning.py), class labels
+(LDM's class embedder as cross-attention context, or ADM-style `y`), or none; with probability `cond.drop_prob`
+the condition is replaced by the empty prompt (or zeroed: `cond.drop_mode`) / the null class inside the jitted
+step, so one model serves classifier-free guidance.
 
-Parameter groups: {"model": {"unet", ["text"], ["class_embed"], ["logvar"]}} with one AdamW; frozen:
-{"first_stage", ["text"]}; extra: {"scale_factor", "uncond_ids"}.
+Parameter groups: {"model": {"unet", ["text"], ["class_embed"], ["logvar"]}} with one AdamW (SDXL: "text" is
+{tower: params}); frozen: {"first_stage", ["text"]}; extra: {"scale_factor", "uncond_ids"}.
 
 Random draws: timesteps, noise and dropout masks come from `jax.random` inside the jitted step. JAX's
 partitionable threefry (the default) makes each device generate only its own shard of a batch-sharded
@@ -48,9 +49,9 @@ from ldm_jax.evaluation.evaluator import default_eval_config
 from ldm_jax.interop import workdir as workdir_io
 from ldm_jax.models import layers
 from ldm_jax.models.autoencoder import autoencoder_class, round_trip
-from ldm_jax.models.text import CLIPTextTransformer
 from ldm_jax.models.unet import UNet
 from ldm_jax.training import ldm_io, optim, sample_grid
+from ldm_jax.training import text_conditioning as text_cond
 from ldm_jax.training.latent_cache import cached_dataset
 from ldm_jax.training.objective import ConfigError, Hook, Objective, default_loop_config
 from ldm_jax.training.state import TrainState, apply_gradients
@@ -101,14 +102,16 @@ class LDMObjective(Objective):
         self.unet = UNet(**self.unet_kwargs, dtype=dtype, remat_policy=c.remat)
         self.vae_kwargs = _kwargs(c.first_stage.kwargs)
         self.first_stage = autoencoder_class(self.vae_kwargs)(**self.vae_kwargs, dtype=dtype)
-        self.text_kwargs = _kwargs(c.cond.text) if c.cond.type == "text" else None
-        self.text = None
-        if self.text_kwargs is not None:
-            self.text = CLIPTextTransformer(**self.text_kwargs, dtype=dtype, remat_policy=c.remat)
+        self.tokenizer = tokenizer
+        # text: one CLIP tower (SD 1/2) or several (SDXL), with SDXL's added conditioning (training/text_conditioning.py)
+        self.cond = None
+        if c.cond.type == "text":
+            self.cond = text_cond.TextConditioner(c.cond, self.unet_kwargs, int(c.image_size), dtype, c.remat, tokenizer)
+        self.text_kwargs = None if self.cond is None else self.cond.kwargs
+        self.text = None if self.cond is None else self.cond.module
         self.class_embed = None
         if c.cond.type == "class" and c.cond.class_mode == "context":
             self.class_embed = ClassEmbedder(int(c.cond.num_classes), int(self.unet_kwargs["context_dim"]))
-        self.tokenizer = tokenizer
         d = c.diffusion
         if d.zero_terminal_snr and d.prediction == "eps":
             raise ConfigError("diffusion.zero_terminal_snr=True needs diffusion.prediction='v' (or 'x0'): at zero "
@@ -139,10 +142,7 @@ class LDMObjective(Objective):
         return self.text is not None and bool(self.config.cond.text_trainable)
 
     def _uncond_ids(self) -> np.ndarray:
-        length = int(self.text_kwargs.get("max_length", 77))
-        if self.tokenizer is None:
-            return np.zeros((length,), np.int32)  # no tokenizer (tests): the all-zeros sequence is the null prompt
-        return np.asarray(self.tokenizer([""]), np.int32)[0]
+        return self.cond.uncond_ids()
 
     def init(self, key: jax.Array) -> dict[str, Any]:
         c = self.config
@@ -153,8 +153,7 @@ class LDMObjective(Objective):
         frozen: dict[str, Any] = {}
         extra: dict[str, Any] = {"scale_factor": jnp.asarray(c.first_stage.scale_factor, jnp.float32)}
         if self.text is not None:
-            ids = jnp.asarray(self._uncond_ids())[None]
-            text_params = self.text.init(k_text, ids)["params"]
+            text_params = self.cond.init(k_text)
             (model if self.text_trainable else frozen)["text"] = text_params
             extra["uncond_ids"] = jnp.asarray(self._uncond_ids())
         if self.class_embed is not None:
@@ -168,7 +167,8 @@ class LDMObjective(Objective):
     def _dummy_cond(self):
         context = y = None
         if self.text is not None:
-            context = jnp.zeros((1, int(self.text_kwargs.get("max_length", 77)), self.unet_kwargs["context_dim"]))
+            context = jnp.zeros((1, self.cond.max_length, self.unet_kwargs["context_dim"]))
+            y = self.cond.dummy_y()
         elif self.class_embed is not None:
             context = jnp.zeros((1, 1, self.unet_kwargs["context_dim"]))
         elif self.config.cond.type == "class":
@@ -198,12 +198,8 @@ class LDMObjective(Objective):
         n = (batch["latent_mean"] if "latent_mean" in batch else batch["image"]).shape[0]
         drop = jax.random.bernoulli(key, c.drop_prob, (n,)) if c.drop_prob > 0 else jnp.zeros((n,), bool)
         if self.text is not None:
-            ids = jnp.where(drop[:, None], state.extra["uncond_ids"][None, :], batch["input_ids"])
             params = model["text"] if self.text_trainable else state.frozen["text"]
-            hidden, _ = self.text.apply({"params": params}, ids)
-            if not self.text_trainable:
-                hidden = jax.lax.stop_gradient(hidden)
-            return hidden, None
+            return self.cond(params, self.unet, batch, drop, state.extra["uncond_ids"], self.text_trainable)
         if c.type == "class":
             labels = jnp.where(drop, int(c.num_classes), batch["label"])
             if self.class_embed is not None:
@@ -264,10 +260,13 @@ class LDMObjective(Objective):
         tok = str(self.config.cond.get("tokenizer") or "")
         tokenizer = None if self.text is None or not tok else (
             "tokenizer.json" if tok == "train" else str(pathlib.Path(tok).expanduser().absolute()))
+        if tokenizer is not None and self.cond.towers is not None:  # SDXL: {tower: its tokenizer folder}
+            tokenizer = ldm_io.tower_tokenizer_dirs(tokenizer, self.cond.towers)
         return dict(unet=self.unet_kwargs, vae=self.vae_kwargs, text=self.text_kwargs,
                     scheduler={**self.scheduler_dict(), "scale_factor": float(scale_factor)},
                     image_size=int(self.config.image_size), conditioning=str(self.config.cond.type), tokenizer=tokenizer,
-                    weights=weights, ema_groups=list(self.ema_groups))
+                    weights=weights, ema_groups=list(self.ema_groups),
+                    options={} if self.cond is None else self.cond.sampling_options())
 
     def sampling_params(self, state: TrainState, use_ema: bool = True) -> dict:
         """{"unet", "vae", ["text"]} of a live state, with the EMA copies of the trained weights."""
@@ -292,6 +291,7 @@ class LDMObjective(Objective):
                 check(self.config)
             except ConfigError as e:
                 problems.append(str(e))
+        problems += text_cond.config_errors(self.config, self.cond)
         size, resolution = int(self.config.image_size), int(self.config.data.resolution)
         if size != resolution:  # neither wins: the latents would not fit the model, or the model not the data
             problems.append(f"image_size={size} and data.resolution={resolution} differ: the model is built for "
@@ -314,7 +314,9 @@ class LDMObjective(Objective):
 
 
 def build(config: ml_collections.ConfigDict, tokenizer: Any = None, workdir: Any = None) -> LDMObjective:
-    """The LDM objective of `config` (the tokenizer comes from `cond.tokenizer` when not given)."""
+    """The LDM objective of `config` (the tokenizer comes from `cond.tokenizer` when not given); an empty
+    first-stage / text-encoder / tokenizer path takes `init_from` (`ldm_io.with_init_from`)."""
+    config = ldm_io.with_init_from(config)
     trained_without_workdir = str(config.cond.get("tokenizer")) == "train" and workdir is None  # shape-only builds
     if tokenizer is None and config.cond.type == "text" and config.cond.get("tokenizer") and not trained_without_workdir:
         tokenizer = ldm_io.load_tokenizer(config, workdir)
@@ -330,9 +332,13 @@ def default_ldm_config() -> ml_collections.ConfigDict:
     c.remat = "none"
     c.unet = ml_collections.ConfigDict()
     c.first_stage = dict(kwargs={}, checkpoint="", scale_factor=0.18215, scale_by_std=False, sample_posterior=True)
+    # drop_mode, micro_conditioning, aesthetic_score: see training/text_conditioning.py (SDXL)
     c.cond = dict(type="text", text={}, text_trainable=False, text_checkpoint="", tokenizer="", drop_prob=0.1,
-                  num_classes=1000, class_mode="context")
-    c.init_from = ""  # a diffusers folder / single-file SD checkpoint whose UNet (and VAE/CLIP) start the run
+                  drop_mode="empty", micro_conditioning="batch", aesthetic_score=6.0, num_classes=1000,
+                  class_mode="context")
+    # a diffusers folder / single-file SD or SDXL checkpoint whose UNet starts the run; an empty
+    # first_stage.checkpoint / cond.text_checkpoint / cond.tokenizer take it too (`ldm_io.with_init_from`)
+    c.init_from = ""
     c.diffusion = dict(schedule="linear", num_timesteps=1000, linear_start=0.00085, linear_end=0.012, cosine_s=8e-3,
                        prediction="eps", loss="l2", min_snr_gamma=0.0, offset_noise=0.0, learn_logvar=False,
                        logvar_init=0.0, zero_terminal_snr=False)

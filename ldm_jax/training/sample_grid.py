@@ -33,8 +33,10 @@ def sampling_pipeline(objective: Any, mesh: Any) -> Pipeline | None:
     if spec["text"] is not None and objective.tokenizer is None:
         return None
     tokenizer = objective.tokenizer if spec["text"] is not None else None
-    return Pipeline.from_configs(spec["unet"], spec["vae"], spec["text"], tokenizer, spec["scheduler"], mesh=mesh,
+    pipe = Pipeline.from_configs(spec["unet"], spec["vae"], spec["text"], tokenizer, spec["scheduler"], mesh=mesh,
                                  default_size=spec["image_size"])
+    pipe.force_zeros_for_empty_prompt = bool(spec.get("options", {}).get("force_zeros_for_empty_prompt", False))
+    return pipe
 
 
 class SampleGrid(Hook):

@@ -69,9 +69,11 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         attention_resolutions=(4, 2), num_heads=-1, num_head_channels=64, transformer_depth=4,
         context_dim=1280, use_linear_in_transformer=True, adm_in_channels=2560,
     ),
-    # SDXL-base topology at reduced depth (1 and 2 transformer blocks instead of 2 and 10) for CPU benchmarks
+    # SDXL-base topology for CPU benchmarks (bench/bench_unet.py): 0.4 x width (128 base channels, 64-wide heads) and
+    # reduced depth (1, 1, 2 transformer blocks instead of 1, 2, 10): 155M params, so that ours and diffusers' fp32
+    # weights and gradients fit in one process of ~3 GB (the full-width 849M version: ~3.4 GB per copy, 4+ copies)
     "sdxl-small": dict(
-        in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2,
+        in_channels=4, out_channels=4, model_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2,
         attention_resolutions=(4, 2), num_heads=-1, num_head_channels=64, transformer_depth=(1, 1, 2),
         context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
     ),

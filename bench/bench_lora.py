@@ -1,15 +1,18 @@
 """LoRA training step vs full fine-tuning step of the same UNet: step time and parameter + optimizer bytes.
 
-    python3 bench/bench_lora.py [--rank 8] [--width 64] [--latent 16] [--batch 1] [--steps 3] [--reps 3]
+    python3 bench/bench_lora.py [--rank 8] [--width 64] [--latent 16] [--batch 1] [--steps 3] [--reps 3] [--targets attn]
 
 1. Counts, shape only (jax.eval_shape, nothing allocated): the SD1 UNet (UNET_PRESETS["sd1"], 860M
    parameters) with AdamW — trainable parameters, optimizer state bytes (from the abstract arrays
    optax.adamw(...).init returns) for the full fine-tune and for a rank-`rank` LoRA on the attention
    projections (to_q/k/v/out, the default targets).
 2. Timing: the SD1 architecture at `--width` base channels (SD1: 320) and context 768 on `--latent`² latents
-   (eps loss, AdamW, jit with the trainable tree and optimizer state donated; the LoRA step's frozen base
-   is an ordinary, not donated, argument). Full and LoRA steps alternate `--reps` times; the fastest mean
-   step of each is kept. ratio = full / LoRA (> 1: the LoRA step is faster).
+   (eps loss, AdamW, jit with the trainable tree and optimizer state donated; the LoRA steps' frozen base
+   is an ordinary, not donated, argument). Three steps alternate `--reps` times (the fastest mean step of
+   each is kept): the full fine-tune, LoRA as the parameter transform (`lora.apply`: W + s·down@up, whose
+   backward forms each targeted kernel's gradient) and LoRA on the activations (`lora.activations`, what
+   the LoRA objective trains with: no kernel gradient at all). full/this > 1: faster than the full step.
+   Memory: trainable + optimizer bytes from the arrays, and XLA's temp buffer size of each compiled step.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--targets", default="attn", help="LoRA target presets (models/lora.py UNET_TARGETS)")
     a = ap.parse_args()
 
     import jax
@@ -75,7 +79,7 @@ def main() -> None:
     model, abstract = shapes(kw, a.latent)
     key = jax.random.key(0)
     params = jax.tree.map(lambda s: 0.02 * jax.random.normal(key, s.shape, s.dtype), abstract)
-    mods = lora.select_targets(params, ["attn"])
+    mods = lora.select_targets(params, a.targets.split(","))
     adapters = lora.init_adapters(key, params, mods, a.rank)
     x = jax.random.normal(key, (a.batch, a.latent, a.latent, 4))
     ctx = jax.random.normal(key, (a.batch, 77, kw["context_dim"]))
@@ -89,31 +93,58 @@ def main() -> None:
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o
 
-    def lora_step(ad, o, base):
-        g = jax.grad(lambda ad: loss(lora.apply(base, [(ad, 1.0)], alpha=float(a.rank))))(ad)
-        u, o = tx.update(g, o, ad)
-        return optax.apply_updates(ad, u), o
+    def lora_loss_weights(ad, base):  # the parameter transform: W + (alpha/rank)·down@up, then the model
+        return loss(lora.apply(base, [(ad, 1.0)], alpha=float(a.rank)))
 
-    base = jax.tree.map(jnp.copy, params)  # the full step donates (consumes) `params`; the LoRA base is its own copy
-    runs = {"full": (jax.jit(full_step, donate_argnums=(0, 1)), [params, tx.init(params)], ()),
-            "lora": (jax.jit(lora_step, donate_argnums=(0, 1)), [adapters, tx.init(adapters)], (base,))}
-    times = {k: float("inf") for k in runs}
+    def lora_loss_activations(ad, base):  # what the LoRA objective trains with: W x + (alpha/rank)·up(down(x))
+        with lora.activations({UNet: "unet"}, {"unet": [(ad, 1.0)]}, alpha=float(a.rank)):
+            return loss(base)
+
+    def lora_step(lora_loss):
+        def step(ad, o, base):
+            g = jax.grad(lora_loss)(ad, base)
+            u, o = tx.update(g, o, ad)
+            return optax.apply_updates(ad, u), o
+        return step
+
+    # the full step donates (consumes) its params; the LoRA steps' base is one shared, never donated copy
+    base = jax.tree.map(jnp.copy, params)
+    runs = {"full": (full_step, [params, tx.init(params)], ()),
+            "lora_weights": (lora_step(lora_loss_weights), [adapters, tx.init(adapters)], (base,)),
+            "lora_activations": (lora_step(lora_loss_activations), [jax.tree.map(jnp.copy, adapters),
+                                                                    tx.init(adapters)], (base,))}
+    times, compiled = {k: float("inf") for k in runs}, {}
     for name, (fn, st, extra) in runs.items():
         t0 = time.perf_counter()
-        st[:] = jax.block_until_ready(fn(*st, *extra))
+        compiled[name] = jax.jit(fn, donate_argnums=(0, 1)).lower(*st, *extra).compile()
+        st[:] = jax.block_until_ready(compiled[name](*st, *extra))
         print(f"{name}: compile + first step {time.perf_counter() - t0:.1f} s")
     for _ in range(a.reps):
         for name, (fn, st, extra) in runs.items():
             t0 = time.perf_counter()
             for _ in range(a.steps):
-                st[:] = fn(*st, *extra)
+                st[:] = compiled[name](*st, *extra)
             jax.block_until_ready(st)
             times[name] = min(times[name], (time.perf_counter() - t0) / a.steps)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(base))  # the LoRA steps never donated the base
     n_small = sum(x.size for x in jax.tree.leaves(params))
     print(f"timing UNet: SD1 layout at width {a.width} ({n_small / 1e6:.1f}M params), {a.latent}x{a.latent} latents, "
-          f"batch {a.batch}: full step {times['full'] * 1e3:.0f} ms, LoRA step {times['lora'] * 1e3:.0f} ms, "
-          f"ratio {times['full'] / times['lora']:.2f}")
-    print(f"machine: {platform.processor() or platform.machine()}, jax {jax.__version__} {jax.default_backend()}")
+          f"batch {a.batch}, LoRA rank {a.rank} on {len(mods)} modules ({a.targets}):")
+    for name, (fn, st, extra) in runs.items():
+        m = compiled[name].memory_analysis()
+        trained = nbytes(st)  # trainable + optimizer state (the step's donated carry)
+        temp = f", XLA temp {m.temp_size_in_bytes / 2**20:.1f} MiB" if m is not None else ""
+        print(f"  {name:17s} {times[name] * 1e3:7.1f} ms/step  full/this {times['full'] / times[name]:.2f}x  "
+              f"trainable+opt {trained / 2**20:8.2f} MiB{temp}")
+    print(f"machine: {cpu_name()}, avx512f {'avx512f' in open('/proc/cpuinfo').read()}, jax {jax.__version__} "
+          f"{jax.default_backend()}, load {' '.join(open('/proc/loadavg').read().split()[:3])}")
+
+
+def cpu_name() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -107,12 +107,67 @@ def test_merge_equals_the_transform_and_unmerge_restores(tiny):
     base = tiny.params["unet"]
     ad = _random_adapters(tiny, jax.random.key(3))["unet"]
     merged = lora.merge(base, [(ad, 0.7)], alpha=3.0)
-    used = jax.jit(lambda p, a, s: lora.apply(p, [(a, s)], alpha=3.0))(base, ad, 0.7)  # what a step computes
+    used = jax.jit(lambda p, a, s: lora.apply(p, [(a, s)], alpha=3.0))(base, ad, 0.7)  # the pipeline's on-the-fly form
     assert all(np.array_equal(m, u) for m, u in zip(jax.tree.leaves(merged), jax.tree.leaves(used)))
     assert any(not np.array_equal(m, b) for m, b in zip(jax.tree.leaves(merged), jax.tree.leaves(base)))
     back = lora.unmerge(merged, [(ad, 0.7)], alpha=3.0)
     for b, u in zip(jax.tree.leaves(base), jax.tree.leaves(back)):
         np.testing.assert_allclose(u, b, rtol=0, atol=1e-6)
+
+
+def _both_paths(module, base, loras, args, name, root, **kw):
+    """(loss, adapter grads) of mean(out²) with the LoRAs on the weights (`apply`) and on the activations."""
+    def on_weights(ls):
+        out = module.apply({"params": lora.apply(base, ls, **kw)}, *args)
+        return jnp.mean((out[0] if isinstance(out, tuple) else out) ** 2)
+
+    def on_activations(ls):
+        keys = {name: kw["key"]} if "key" in kw else None
+        with lora.activations({root: name}, {name: ls}, alpha=kw.get("alpha"), dropout=kw.get("dropout", 0.0), keys=keys):
+            out = module.apply({"params": base}, *args)
+        return jnp.mean((out[0] if isinstance(out, tuple) else out) ** 2)
+
+    return [jax.jit(jax.value_and_grad(f))(loras) for f in (on_weights, on_activations)]
+
+
+def _assert_same(w, a, rtol):
+    (lw, gw), (la, ga) = w, a
+    np.testing.assert_allclose(la, lw, rtol=rtol)
+    leaves_w, leaves_a = jax.tree.leaves(gw), jax.tree.leaves(ga)
+    assert len(leaves_w) == len(leaves_a) and all(np.abs(g).max() > 0 for g in leaves_a)
+    for x, y in zip(leaves_w, leaves_a):
+        np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * np.abs(x).max())
+
+
+def test_activation_path_equals_the_parameter_transform(tiny, golden):
+    """The training form (W x + s·up(down(x)), no kernel gradient) against `apply` (W + s·down@up): loss and
+    adapter gradients, two LoRAs with their scales, dropout (the same masks), every UNet target preset incl. LoCon
+    convs, a bf16 base; and the text encoder with remat'd layers (flax lifts them: their modules see no root)."""
+    x, t, ctx = (jnp.asarray(golden[k]) for k in ("x", "t", "ctx"))
+    unet = UNet(**tiny.unet_kwargs)
+    base16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), tiny.params["unet"])
+    a1 = _random_adapters(tiny, jax.random.key(11), targets={"unet": ("attn", "proj", "conv", "ff")})["unet"]
+    a2 = _random_adapters(tiny, jax.random.key(12), targets={"unet": ("attn",)})["unet"]
+    loras = [(a1, jnp.float32(0.7)), (a2, jnp.float32(-1.3))]
+    w, a = _both_paths(unet, base16, loras, (x, t, ctx), "unet", UNet, alpha=6.0, dropout=0.25, key=jax.random.key(5))
+    _assert_same(w, a, 2e-5)
+    keeps = [np.asarray(k) for ts in lora.terms(loras, 6.0, 0.25, jax.random.key(5)).values() for *_, k in ts]
+    assert 0.15 < np.mean(np.concatenate(keeps) == 0) < 0.35  # dropout was on (both paths use these masks)
+
+    text = CLIPTextTransformer(**tiny.text_kwargs, remat_policy="full")
+    at = _random_adapters(tiny, jax.random.key(13), targets={"text": ("attn", "mlp")})["text"]
+    w, a = _both_paths(text, tiny.params["text"], [(at, 1.0)], (jnp.asarray(golden["ids"]),), "text",
+                       CLIPTextTransformer, alpha=2.0)
+    _assert_same(w, a, 2e-5)
+
+
+def test_activation_path_names_modules_the_model_never_calls(tiny, golden):
+    ad = _random_adapters(tiny, jax.random.key(1), targets={"text": ("attn",)})["text"]
+    ad = {**ad, "no_such_layer": {"q_proj": ad["layers_0"]["self_attn"]["q_proj"]}}
+    text = CLIPTextTransformer(**tiny.text_kwargs)
+    with pytest.raises(KeyError, match="no_such_layer/q_proj"):
+        with lora.activations({CLIPTextTransformer: "text"}, {"text": [(ad, 1.0)]}, alpha=1.0):
+            jax.eval_shape(lambda: text.apply({"params": tiny.params["text"]}, jnp.asarray(golden["ids"])))
 
 
 def test_bad_targets_and_config_raise(tiny):

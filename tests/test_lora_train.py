@@ -47,12 +47,15 @@ def runs(tmp_path_factory):
     from ldm_jax import sharding as shd
     from ldm_jax.training import loop
     from ldm_jax.training import lora as lora_train
+    from ldm_jax.training.objective import Hook
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     objective = lora_train.build(lora_config(data_dir, 2))
     workdir = tmp_path_factory.mktemp("run")
-    straight = loop.train(lora_config(data_dir, 2), workdir, objective=objective, mesh=mesh)
+    seen = []  # (step, state after it): the state the next step received
+    straight = loop.train(lora_config(data_dir, 2), workdir, objective=objective, mesh=mesh,
+                          hooks=[Hook(every=1, fn=lambda ctx: seen.append((ctx.step, ctx.state)))])
     out = tmp_path_factory.mktemp("export") / "lora.safetensors"
     objective.export_lora(straight.state, out, use_ema=False)
     straight_state = host({"params": straight.state.params, "opt": straight.state.opt_state, "ema": straight.state.ema,
@@ -60,7 +63,7 @@ def runs(tmp_path_factory):
     shutil.rmtree(workdir / "checkpoints" / "2")
     resumed = loop.train(lora_config(data_dir, 2), workdir, objective=objective, mesh=mesh)
     return dict(objective=objective, straight=straight, straight_state=straight_state, resumed=resumed, export=out,
-                workdir=workdir)
+                workdir=workdir, seen=seen, data_dir=data_dir)
 
 
 def test_only_adapters_are_trained(runs):
@@ -122,3 +125,34 @@ def test_exported_file_loads_back(runs):
             np.testing.assert_array_equal(got[k]["down"], want[k]["down"])
             np.testing.assert_array_equal(got[k]["up"], want[k]["up"])
             assert float(got[k]["alpha"]) == 4.0
+
+
+def test_base_is_not_donated(runs):
+    """The step donates the trained carry (adapters, AdamW, EMA) but takes `state.frozen` as its own argument: the
+    base the first step saw is still readable after the second and is the very array the run ends with."""
+    (s1, after1), (s2, after2) = runs["seen"]
+    assert (s1, s2) == (1, 2)
+    frozen1, frozen2 = jax.tree_util.tree_leaves(after1.frozen), jax.tree_util.tree_leaves(after2.frozen)
+    assert len(frozen1) > 0 and all(a is b for a, b in zip(frozen1, frozen2))
+    assert not any(x.is_deleted() for x in frozen1)
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves((after1.params, after1.opt_state, after1.ema)))
+
+
+def test_bf16_base_with_fp32_adapters(runs):
+    """lora.base_dtype=bfloat16: the traced step keeps the base bf16 and the adapters, their AdamW moments and EMA
+    fp32 (shape-only: jax.eval_shape of the trainer's step; the numbers of a bf16 base are tests/test_lora.py's)."""
+    from ldm_jax import sharding as shd
+    from ldm_jax.training import lora as lora_train
+    from ldm_jax.training.trainer import Trainer
+
+    c = lora_config(runs["data_dir"], 2)
+    with c.unlocked():
+        c.lora.base_dtype = "bfloat16"
+    trainer = Trainer.of(lora_train.build(c))
+    abstract, _ = trainer.state_shardings(shd.make_mesh((1, 1, 1), jax.devices()[:1]))
+    batch = {"image": jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32), "input_ids": jax.ShapeDtypeStruct((2, 77), np.int32)}
+    new, metrics = jax.eval_shape(trainer.step_fn(c.ema), abstract, batch, jax.random.key(0))
+    dtypes = lambda t: {x.dtype for x in jax.tree_util.tree_leaves(t)}  # noqa: E731
+    assert dtypes(new.frozen["unet"]) == dtypes(new.frozen["text"]) == {np.dtype("bfloat16")}
+    trained = (new.params, [x for x in jax.tree_util.tree_leaves(new.opt_state) if x.ndim], new.ema)
+    assert dtypes(trained) == {np.dtype("float32")} and metrics["loss"].dtype == np.float32

@@ -1,4 +1,4 @@
-"""Low-rank adapters (LoRA, Hu et al. 2021, arXiv 2106.09685) as a functional transform of parameter trees.
+"""Low-rank adapters (LoRA, Hu et al. 2021, arXiv 2106.09685): on parameter trees or on the activations.
 
 A LoRA on a kernel W is a pair (down, up) with W' = W + scale · (alpha / rank) · down @ up:
   Dense kernel (in, out):       down (in, r),        up (r, out)
@@ -9,21 +9,25 @@ the parameter tree down to the module: adapters["down_0_attn_0"]["transformer_bl
 = {"down": ..., "up": ...} for the kernel params[...]["to_q"]["kernel"]. A loaded LoRA may carry a
 per-module "alpha" leaf (kohya files store one per module); otherwise the config's alpha applies.
 
-Why a parameter transform and not an interception of the layers (qwix's `LoraProvider` intercepts
-dot_general/conv inside flax modules): the transform leaves the models untouched, so the base weights
-are an ordinary frozen input (never in the optimizer state, never donated, in any dtype), the scales are
-traced arrays (changing one does not recompile), any number of LoRAs add up in one place, merging is
-the same function the training step uses, and sharding needs nothing new (the delta is added to the
-kernel where it lives). qwix fixes alpha/rank as Python constants, supports one adapter per weight and
-creates adapters in the base weight's dtype. The cost: the backward pass forms the gradient of each
-*targeted* kernel (tokens · in · out per layer) before projecting it onto down/up, which an activation-
-space LoRA avoids; non-targeted layers cost nothing extra (bench/bench_lora.py measures the step).
+Two forms of one definition (`terms`), tested equal (loss and adapter gradients, tests/test_lora.py):
+- `apply` / `merge`, the parameter transform: kernels W + Σ factor · down @ up. Inference uses it (the pipeline
+  forms the delta once per call, with traced scales: changing one does not recompile; merging is the same
+  function). The base is an ordinary input in any dtype.
+- `activations`, a flax method interceptor: each adapted Dense/Conv returns W x + b + Σ factor · up(down(x)).
+  Training uses it: the backward pass never forms a targeted kernel's gradient (tokens · in · out per layer),
+  only the adapters' small products, and the base stays a constant (not differentiated, not donated, any dtype).
+qwix's `LoraProvider` (also an interception) was considered and not used: it fixes alpha/rank as Python
+constants (a scale change recompiles), supports one adapter per weight and creates adapters in the base
+weight's dtype; the forms here take any number of LoRAs with traced scales and need no new sharding (the
+adapters are replicated; the base keeps its own shardings).
 
-Dropout (peft's `lora_dropout`, applied to the adapter's input) is expressed in weight space: each step
-one mask over the input features (rows of `down`), shared by the batch, with 1/(1-p) rescaling.
+Dropout (peft's `lora_dropout`, on the adapter's input): each step one mask over the input features, shared
+by the batch, with 1/(1-p) rescaling — on the input channels in `activations`, on the rows of `down` in `apply`
+(the same numbers).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,6 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax.core import meta
+from flax import linen as nn
 from flax import traverse_util
 
 from ldm_jax.models.layers import torch_default_kernel_init
@@ -131,19 +136,47 @@ def delta(down: jax.Array, up: jax.Array) -> jax.Array:
     return jnp.einsum("...r,ro->...o", down, up, precision=jax.lax.Precision.HIGHEST)
 
 
+def _module_scale(a: Mapping[str, jax.Array], alpha: float | None) -> Any:
+    """alpha / rank of one module: its own "alpha" leaf (kohya files) wins over `alpha`; None means alpha = rank."""
+    rank = a["up"].shape[0]
+    return a["alpha"] / rank if "alpha" in a else (1.0 if alpha is None else alpha / rank)
+
+
+def terms(loras: Sequence[tuple[Mapping[str, Any], Any]], alpha: float | None = None, dropout: float = 0.0,
+          key: jax.Array | None = None) -> dict[str, list[tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]]]:
+    """{module path: [(down, up, factor, keep), ...]}: the one definition both LoRA paths compute from.
+
+    Module m's output gains Σ factor · ((x ⊙ keep) ⋆ down) @ up, i.e. its kernel gains Σ factor · (keep ⊙ down) @ up:
+    factor = lora scale · alpha / rank; keep (None without dropout) is the dropout mask over the input features,
+    one per step and module (`fold_in(fold_in(key, lora index), module index)`), already divided by 1 - p.
+    """
+    out: dict[str, list] = {}
+    for j, (adapters, scale) in enumerate(loras):
+        sub = None if key is None else jax.random.fold_in(key, j)
+        for i, (m, a) in enumerate(sorted(modules_of(adapters).items())):
+            down, up = a["down"], a["up"]
+            factor = jnp.asarray(_module_scale(a, alpha), up.dtype) * jnp.asarray(scale, up.dtype)
+            keep = None
+            if dropout > 0.0 and sub is not None:
+                mask = jax.random.bernoulli(jax.random.fold_in(sub, i), 1.0 - dropout, (down.shape[-2],))
+                keep = mask.astype(down.dtype) / (1.0 - dropout)
+            out.setdefault(m, []).append((down, up, factor, keep))
+    return out
+
+
 def lora_deltas(adapters: Mapping[str, Any], alpha: float | None = None, dropout: float = 0.0,
                 key: jax.Array | None = None) -> dict[str, jax.Array]:
-    """{module path: (alpha / rank) · down @ up}; a module's own "alpha" leaf wins over `alpha` (None: alpha = rank)."""
-    out = {}
-    for i, (m, a) in enumerate(sorted(modules_of(adapters).items())):
-        down, up = a["down"], a["up"]
-        rank = up.shape[0]
-        scale = a["alpha"] / rank if "alpha" in a else (1.0 if alpha is None else alpha / rank)
-        if dropout > 0.0 and key is not None:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - dropout, (down.shape[-2], 1))
-            down = down * keep.astype(down.dtype) / (1.0 - dropout)
-        out[m] = delta(down, up) * jnp.asarray(scale, up.dtype)
-    return out
+    """{module path: (alpha / rank) · down @ up} of one LoRA (dropout: see `terms`)."""
+    return {m: _weight_delta(t) for m, t in terms([(adapters, 1.0)], alpha, dropout, key).items()}
+
+
+def _weight_delta(ts: Sequence[tuple]) -> jax.Array:
+    """Σ factor · (keep ⊙ down) @ up in the kernel's shape."""
+    total = None
+    for down, up, factor, keep in ts:
+        d = delta(down if keep is None else down * keep[:, None], up) * factor
+        total = d if total is None else total + d
+    return total
 
 
 def apply(params: Mapping[str, Any], loras: Sequence[tuple[Mapping[str, Any], Any]], *,
@@ -156,21 +189,74 @@ def apply(params: Mapping[str, Any], loras: Sequence[tuple[Mapping[str, Any], An
     params = meta.unbox(params)
     flat = traverse_util.flatten_dict(dict(params))
     kernels = {"/".join(k[:-1]): k for k in flat if k[-1] == "kernel"}
-    total: dict[str, jax.Array] = {}
-    for j, (adapters, scale) in enumerate(loras):
-        sub = None if key is None else jax.random.fold_in(key, j)
-        for m, d in lora_deltas(adapters, alpha, dropout, sub).items():
-            if m not in kernels:
-                raise KeyError(f"lora module {m!r} is not in the model (kernels look like {sorted(kernels)[:3]})")
-            if d.shape != flat[kernels[m]].shape:
-                raise ValueError(f"lora module {m!r}: delta {d.shape} does not fit kernel {flat[kernels[m]].shape}")
-            d = d * jnp.asarray(scale, d.dtype)
-            total[m] = total[m] + d if m in total else d
     out = dict(flat)
-    for m, d in total.items():
-        w = flat[kernels[m]]
+    for m, ts in terms(loras, alpha, dropout, key).items():
+        if m not in kernels:
+            raise KeyError(f"lora module {m!r} is not in the model (kernels look like {sorted(kernels)[:3]})")
+        w, d = flat[kernels[m]], _weight_delta(ts)
+        if d.shape != w.shape:
+            raise ValueError(f"lora module {m!r}: delta {d.shape} does not fit kernel {w.shape}")
         out[kernels[m]] = w.astype(jnp.promote_types(w.dtype, d.dtype)) + d
     return traverse_util.unflatten_dict(out)
+
+
+def _branch(module: nn.Module, x: jax.Array, ts: Sequence[tuple]) -> jax.Array:
+    """Σ factor · ((x ⊙ keep) ⋆ down) @ up for a Dense (⋆ = matmul) or Conv module (⋆ = the module's conv, r out)."""
+    total = None
+    for down, up, factor, keep in ts:
+        dtype = module.dtype or jnp.result_type(x, down)
+        h = x.astype(dtype) if keep is None else x.astype(dtype) * keep.astype(dtype)
+        if isinstance(module, nn.Conv):  # the base conv's strides/padding/dilation, to `rank` channels
+            conv = module.clone(parent=None, name=None, features=up.shape[0], use_bias=False)
+            h = conv.apply({"params": {"kernel": down.astype(dtype)}}, h)
+        else:
+            h = jnp.einsum("...i,ir->...r", h, down.astype(dtype), precision=module.precision)
+        h = jnp.einsum("...r,ro->...o", h, up.astype(dtype), precision=module.precision) * factor.astype(dtype)
+        total = h if total is None else total + h
+    return total
+
+
+@contextlib.contextmanager
+def activations(models: Mapping[type, str], loras: Mapping[str, Sequence[tuple[Mapping[str, Any], Any]]], *,
+                alpha: float | None = None, dropout: float = 0.0, keys: Mapping[str, jax.Array] | None = None):
+    """Within this context, flax calls of the adapted Dense/Conv modules return W x + b + Σ factor · up(down(x)).
+
+    The activation-side form of `apply` (the same `terms`, equal up to float rounding; tests/test_lora.py): the
+    LoRA training step uses it, so the backward pass never forms a gradient of a kernel — only the small
+    (tokens · in · rank) products of down and up — and the base enters as an ordinary constant (any dtype).
+    `models` maps a root module class (UNet, CLIPTextTransformer) to its name in `loras` ({name: [(adapters,
+    scale), ...]}); `keys[name]` seeds that model's dropout as `apply(..., key=keys[name])` does. Inference keeps
+    the parameter transform (`apply`, `merge`): there the delta is formed once per call, not per token.
+    """
+    tables = {m: terms(ls, alpha, dropout, None if keys is None else keys.get(m)) for m, ls in loras.items()}
+    current: list[str | None] = []  # the model whose root call is being traced (remat'd blocks see no root parent)
+    seen: dict[str, set[str]] = {m: set() for m in tables}
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if not module.path:  # a root: UNet.apply, the text encoder, the first stage, a helper clone
+            current.append(models.get(type(module)))
+            try:
+                return next_fun(*args, **kwargs)
+            finally:
+                current.pop()
+        name = current[-1] if current else None
+        if name not in tables or context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv)):
+            return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
+        ts = tables[name].get(path)
+        if ts is None:
+            return next_fun(*args, **kwargs)
+        seen[name].add(path)
+        y = next_fun(*args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        return y + _branch(module, x, ts).astype(y.dtype)
+
+    with nn.intercept_methods(interceptor):
+        yield
+    for m, table in tables.items():  # a module that was never called would silently train nothing
+        if seen[m] and set(table) - seen[m]:
+            raise KeyError(f"lora modules {sorted(set(table) - seen[m])[:3]} of {m!r} were not called by the model")
 
 
 def merge(params: Mapping[str, Any], loras: Sequence[tuple[Mapping[str, Any], Any]], *,

@@ -4,9 +4,11 @@ The base weights (`init_from`: a diffusers folder or an SD single file) sit in `
 `["text"]` — never in the optimizer state, never donated by the step (the trainer donates `params` and
 `opt_state`; frozen arrays pass through the jitted step unchanged), optionally held in bfloat16
 (`lora.base_dtype`). The only trainable group is `params["model"] = {"lora": {"unet": adapters[, "text": ...]}}`
-in float32, with its AdamW state and its EMA. Each step applies `ldm_jax.models.lora.apply` (W + alpha/rank ·
-down @ up, weight-space dropout) inside the jitted loss and hands the adapted trees to the LDM loss, so the
-LDM objective's conditioning, noise, targets and gradient accumulation are reused as they are.
+in float32, with its AdamW state and its EMA. The step runs the LDM loss (its conditioning, noise, targets and
+gradient accumulation as they are) on the base under `ldm_jax.models.lora.activations`: each adapted Dense/Conv
+returns W x + b + alpha/rank · up(down(x)), so the backward pass forms only the small products of the adapters,
+never a kernel's gradient (`adapted`, the weight-space form W + alpha/rank · down @ up, gives the same numbers and
+is what sampling and merging use).
 
 Sharding: adapters carry no logical names, so they are replicated on every mesh; the frozen base keeps the
 logical shardings of the full model (fsdp / tensor), and the delta is added where each kernel lives.
@@ -97,8 +99,17 @@ class LoraLDMObjective(ldm.LDMObjective):
         return out
 
     def loss(self, model: Any, state: TrainState, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+        """The LDM loss with the adapters on the activations (`lora.activations`): the same numbers as on the
+        weights (`adapted`), but the backward pass forms no kernel gradient and the base stays a constant."""
         k_lora, k_ldm = jax.random.split(key)
-        return super().loss(self.adapted(model, state, k_lora), state, batch, k_ldm)
+        trees = {k: v for k, v in model.items() if k != "lora"}
+        trees.update({m: jax.lax.stop_gradient(state.frozen[m]) for m in model["lora"]})
+        trees.setdefault("unet", jax.lax.stop_gradient(state.frozen["unet"]))
+        roots = {type(self.unet): "unet", **({type(self.text): "text"} if self.text is not None else {})}
+        keys = {m: jax.random.fold_in(k_lora, i) for i, m in enumerate(MODELS)}
+        with lora.activations(roots, {m: [(a, 1.0)] for m, a in model["lora"].items()}, alpha=self.lora.alpha,
+                              dropout=self.lora.dropout, keys=keys):
+            return super().loss(trees, state, batch, k_ldm)
 
     def export(self, state: TrainState) -> dict:
         return {**super().export(state), "lora": self.lora.to_dict(), "base": str(self.config.init_from)}

@@ -1,9 +1,9 @@
 """`Trainer.of(objective)`: the compiled pieces of one objective — sharded state creation and the train step.
 
 The step is the objective's `train_step`, then step += 1 and the EMA update, jitted with explicit in/out
-shardings and the state donated. A `Trainer` caches the functions it hands to `jax.jit` (per seed, EMA
-setting and mesh), so several runs of one objective in a process (tests, two-stage jobs, resumes) share
-compilations; `Trainer.of` keeps one trainer per live objective.
+shardings and the state donated except its frozen weights (`SplitStep`). A `Trainer` caches the functions it
+hands to `jax.jit` (per seed, EMA setting and mesh), so several runs of one objective in a process (tests,
+two-stage jobs, resumes) share compilations; `Trainer.of` keeps one trainer per live objective.
 """
 from __future__ import annotations
 
@@ -101,8 +101,10 @@ class Trainer:
         self._steps[cfg] = step
         return step
 
-    def jit_step(self, ema_cfg: ml_collections.ConfigDict, mesh: Mesh, state_sh: Any, batch_spec: Any) -> Callable:
-        """The train step jitted with explicit in/out shardings and the state donated."""
+    def jit_step(self, ema_cfg: ml_collections.ConfigDict, mesh: Mesh, state_sh: Any, batch_spec: Any) -> "SplitStep":
+        """The train step jitted with explicit in/out shardings; the state is donated except `state.frozen`, which
+        goes in as its own argument and is handed back unchanged (a LoRA's base, a frozen VAE: never donated, so
+        whoever else holds those arrays keeps them, and never copied)."""
         batch_sh = jax.tree_util.tree_map(lambda x: shd.batch_sharding(mesh, len(x.shape)), batch_spec)
         rep = shd.replicated(mesh)
         step = self.step_fn(ema_cfg)
@@ -111,18 +113,44 @@ class Trainer:
         if (step, mesh) not in self._in_mesh:
             abstract = mesh.abstract_mesh
 
-            def step_in_mesh(state, batch, key):
+            def step_in_mesh(rest, frozen, batch, key):
                 with jax.sharding.use_abstract_mesh(abstract):
-                    return step(state, batch, key)
+                    new, metrics = step(rest.replace(frozen=frozen), batch, key)
+                leaves = jax.tree_util.tree_leaves
+                if any(a is not b for a, b in zip(leaves(new.frozen), leaves(frozen))):
+                    raise ValueError(f"objective {self.objective.name}: train_step changed state.frozen")
+                return new.replace(frozen={}), metrics
 
             self._in_mesh[(step, mesh)] = step_in_mesh
-        return jax.jit(self._in_mesh[(step, mesh)], in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
-                       donate_argnums=(0,))
+        rest_sh = state_sh.replace(frozen={})
+        return SplitStep(jax.jit(self._in_mesh[(step, mesh)], in_shardings=(rest_sh, state_sh.frozen, batch_sh, rep),
+                                 out_shardings=(rest_sh, rep), donate_argnums=(0,)))
 
     @staticmethod
     def keygen(mesh: Mesh) -> Callable[[jax.Array, int], jax.Array]:
         """jit(step_key), replicated over `mesh`."""
         return jax.jit(step_key, out_shardings=shd.replicated(mesh))
+
+
+class SplitStep:
+    """`step(state, batch, key)` over a jitted `fn(state without frozen, frozen, batch, key)`; `lower(...)` and its
+    `compile()` take (state, batch, key) too (anything else is the jitted / lowered / compiled object's)."""
+
+    def __init__(self, fn: Any):
+        self._fn = fn
+
+    def __call__(self, state: TrainState, batch: Any, key: jax.Array) -> tuple[TrainState, dict]:
+        new, metrics = self._fn(state.replace(frozen={}), state.frozen, batch, key)
+        return new.replace(frozen=state.frozen), metrics
+
+    def lower(self, state: TrainState, batch: Any, key: jax.Array) -> "SplitStep":
+        return SplitStep(self._fn.lower(state.replace(frozen={}), state.frozen, batch, key))
+
+    def compile(self, *args, **kwargs) -> "SplitStep":
+        return SplitStep(self._fn.compile(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fn, name)
 
 
 # Functional forms (tests, benchmarks).

@@ -451,9 +451,12 @@ def load_pretrained(path: str | os.PathLike, *, tokenizer: Any = None, predictio
 def load_workdir(workdir: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
                  mesh: Mesh | None = None) -> Pipeline:
     """A Pipeline from one of our LDM training workdirs: the sampling spec and (EMA) weights of its checkpoint
-    (`ldm_jax.interop.workdir`, no training code); `.step` and `.config` (the training config) are set on it."""
+    (`ldm_jax.interop.workdir`, no training code); `.step` and `.config` (the training config) are set on it.
+    A LoRA / DreamBooth-LoRA run gives its base with the run's adapters loaded as the LoRA named after the folder."""
     p, meta = workdir_io.load_workdir(workdir, step=step, use_ema=use_ema)
     pipe = from_pretrained_struct(p, mesh=mesh)
+    if "lora" in meta:  # a LoRA run: its base, with the run's adapters attached (set_lora_scale / merge_loras)
+        pipe.add_lora(meta.pop("lora"), name=pathlib.Path(workdir).name)
     pipe.step = int(meta["step"])
     pipe.config = ml_collections.ConfigDict(meta["config"])
     return pipe

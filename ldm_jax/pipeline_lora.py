@@ -47,8 +47,16 @@ class PipelineLoras:
         if self.merged:
             raise ValueError("unmerge_loras() before loading another LoRA")
         trees, _ = lora_io.load(path, pipeline.lora_kwargs())
-        name = name or pathlib.Path(path).stem
-        self.adapters[name] = jax.device_put(trees, jax.sharding.NamedSharding(pipeline.mesh, jax.sharding.PartitionSpec()))
+        return self.add(pipeline, trees, name=name or pathlib.Path(path).stem, scale=scale)
+
+    def add(self, pipeline: Any, trees: Mapping[str, Any], *, name: str, scale: float = 1.0) -> str:
+        """Adds adapters already in memory ({"unet"[, "text"]: adapters with their "alpha" leaves})."""
+        if self.merged:
+            raise ValueError("unmerge_loras() before adding another LoRA")
+        unknown = sorted(set(trees) - set(MODELS))
+        if unknown:
+            raise KeyError(f"LoRA {name!r} adapts {unknown}; a pipeline takes LoRAs of {sorted(MODELS)}")
+        self.adapters[name] = jax.device_put(dict(trees), jax.sharding.NamedSharding(pipeline.mesh, jax.sharding.PartitionSpec()))
         self.scales[name] = float(scale)
         return name
 
@@ -110,6 +118,10 @@ class LoraMethods:
     def load_lora(self, path: str | os.PathLike, *, name: str | None = None, scale: float = 1.0) -> str:
         """Loads a diffusers/peft or kohya LoRA file, applied at `scale` from the next call on; returns its name."""
         return self.loras.load(self, path, name=name, scale=scale)
+
+    def add_lora(self, adapters: Mapping[str, Any], *, name: str, scale: float = 1.0) -> str:
+        """Adds in-memory adapters ({"unet"[, "text"]: trees with "alpha" leaves}, e.g. a LoRA run's) at `scale`."""
+        return self.loras.add(self, adapters, name=name, scale=scale)
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         """Changes a loaded LoRA's scale; the compiled programs are reused."""

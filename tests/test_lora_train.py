@@ -1,9 +1,10 @@
 """LoRA training through the real trainer (configs/lora_sd1.py:test on tests/goldens/tiny_sd, shapes data).
 
 One objective, two runs: 2 steps (checkpoints at 1 and 2), then checkpoint 2 is deleted and the same
-command resumes from 1 and redoes step 2. Checks: only adapters are trained (the base stays exactly the folder's weights, the
-optimizer state and EMA hold adapter-shaped arrays only), the resumed run equals the straight one bit for
-bit, and the exported LoRA file loads back (interop/lora.py) to the trained adapters.
+command resumes from 1 and redoes step 2. Checks: only adapters are trained (the base stays exactly the folder's
+weights, the optimizer state and EMA hold adapter-shaped arrays only), the base is never donated, a bf16 base keeps
+fp32 adapters, the resumed run equals the straight one bit for bit, the exported LoRA file loads back
+(interop/lora.py) to the trained adapters, and the workdir loads as the base plus its adapters.
 """
 from __future__ import annotations
 
@@ -156,3 +157,27 @@ def test_bf16_base_with_fp32_adapters(runs):
     assert dtypes(new.frozen["unet"]) == dtypes(new.frozen["text"]) == {np.dtype("bfloat16")}
     trained = (new.params, [x for x in jax.tree_util.tree_leaves(new.opt_state) if x.ndim], new.ema)
     assert dtypes(trained) == {np.dtype("float32")} and metrics["loss"].dtype == np.float32
+
+
+def test_workdir_loads_as_base_plus_adapters(runs):
+    """load_pretrained(a LoRA workdir): the base folder's weights with the run's EMA adapters attached as a LoRA;
+    what it samples with equals what the objective's sample/eval hooks sample with (`sampling_params`)."""
+    from ldm_jax import pipeline_lora
+    from ldm_jax.interop import load_diffusers
+    from ldm_jax.models import lora
+    from ldm_jax.pipeline import load_pretrained
+
+    pipe = load_pretrained(runs["workdir"])
+    tiny = load_diffusers(TINY_SD)
+    assert max_diff(host(pipe.params["unet"]), tiny.unet_params) == 0.0 and pipe.step == 2
+    (name,) = pipe.loras.adapters
+    got, ema = host(pipe.loras.adapters[name]), runs["straight_state"]["ema"]["model"]["lora"]
+    for m in ("unet", "text"):
+        mods = lora.modules_of(got[m])
+        assert {float(mods[k].pop("alpha")) for k in mods} == {4.0}  # the run's alpha travels with each module
+        assert max_diff(mods, lora.modules_of(ema[m])) == 0.0
+    sampled = host(pipeline_lora.apply(pipe.loras.attach(pipe.params)))
+    hook = host(runs["objective"].sampling_params(runs["resumed"].state))
+    for m in ("unet", "text", "vae"):
+        np.testing.assert_allclose(max_diff(sampled[m], hook[m]), 0.0, atol=1e-6)
+    assert max_diff(hook["unet"], tiny.unet_params) > 0  # the adapters are in

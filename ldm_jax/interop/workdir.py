@@ -11,12 +11,16 @@ Every checkpoint's meta (`WORKDIR/checkpoints/<step>/meta`, JSON) of a latent-di
                      "vae": ["frozen", "first_stage"], ["text": ...]}
   ema_groups         parameter groups with an EMA copy: a "params" path of one reads "ema" when use_ema
   options            pipeline options (`Pretrained.options`; SDXL: force_zeros_for_empty_prompt), may be absent
+  base, lora         LoRA runs only (weights is then empty): the base's path (a diffusers folder or a single
+                     file) and {"weights": {model: state path of its adapters}, "alpha"}; the workdir reads as
+                     the base plus the run's (EMA) adapters, returned in meta["lora"] for the pipeline to attach
 So reading a workdir needs this module and `ldm_jax.checkpoint` only, never the training code. Arrays are
 read by partial restore (only the named subtrees, shapes from the checkpoint's own metadata).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pathlib
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -25,9 +29,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ldm_jax.checkpoint import Checkpointer
-from ldm_jax.interop.pretrained import Pretrained
+from ldm_jax.interop.pretrained import Pretrained, load_diffusers, load_single_file
+from ldm_jax.models import lora
 
 Path = tuple[str, ...]
+LDM_OBJECTIVES = ("ldm", "dreambooth", "lora", "dreambooth_lora")  # objectives whose checkpoints carry "sampling"
 
 
 def is_workdir(path: str | pathlib.Path) -> bool:
@@ -108,7 +114,7 @@ def read_arrays(workdir: str | pathlib.Path, paths: Mapping[str, Path], step: in
 
 def sampling_spec(meta: Mapping[str, Any], where: Any) -> dict:
     """The checkpoint meta's sampling spec, or a ValueError saying why `where` cannot be sampled."""
-    if meta.get("objective") != "ldm":
+    if meta.get("objective") not in LDM_OBJECTIVES:
         raise ValueError(f"{where} holds a {meta.get('objective')!r} run, not a latent diffusion model "
                          "(an autoencoder workdir cannot sample; use the LDM workdir that reuses it)")
     spec = meta.get("sampling")
@@ -131,6 +137,8 @@ def load_workdir(workdir: str | pathlib.Path, *, step: int | None = None, use_em
     workdir = pathlib.Path(workdir).expanduser()
     meta, step = read_meta(workdir, step)
     spec = sampling_spec(meta, workdir)
+    if "lora" in spec:
+        return _load_lora_workdir(workdir, spec, step, use_ema)
     params, meta, step = read_arrays(workdir, resolve(spec["weights"], spec["ema_groups"], use_ema), step)
     f = 2 ** (len(spec["vae"]["ch_mult"]) - 1)
     tok = spec["tokenizer"]
@@ -139,3 +147,22 @@ def load_workdir(workdir: str | pathlib.Path, *, step: int | None = None, use_em
     p = Pretrained(_tuples(spec["unet"]), _tuples(spec["vae"]), _tuples(spec["text"]), params, dict(spec["scheduler"]),
                    tokenizer_dir=tok, sample_size=int(spec["image_size"]) // f, options=dict(spec.get("options") or {}))
     return p, {**meta, "step": step}
+
+
+def _load_lora_workdir(workdir: pathlib.Path, spec: Mapping[str, Any], step: int, use_ema: bool
+                       ) -> tuple[Pretrained, dict]:
+    """(the base `Pretrained`, meta with "lora": {model: (EMA) adapters with their alpha}) of a LoRA run."""
+    base = pathlib.Path(spec["base"])
+    if not base.exists():
+        raise FileNotFoundError(f"{workdir} is a LoRA run on the base {base}, which does not exist any more: put the "
+                                "base back there, or export the adapters (LoraLDMObjective.export_lora) and "
+                                "load that file into a pipeline of the base (Pipeline.load_lora)")
+    p = (load_diffusers if base.is_dir() else load_single_file)(base)
+    adapters, meta, step = read_arrays(workdir, resolve(spec["lora"]["weights"], spec["ema_groups"], use_ema), step)
+    alpha = float(spec["lora"]["alpha"])
+    adapters = {m: lora.with_alpha(tree, alpha) for m, tree in adapters.items()}
+    tok = spec["tokenizer"]
+    if p.tokenizer_dir is None and tok is not None:  # a single-file base: the run's tokenizer
+        p = dataclasses.replace(p, tokenizer_dir={n: str(workdir / t) for n, t in tok.items()}
+                                if isinstance(tok, Mapping) else str(workdir / tok))
+    return p, {**meta, "step": step, "lora": adapters}

@@ -131,6 +131,13 @@ def modules_of(adapters: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
     return out
 
 
+def with_alpha(adapters: Mapping[str, Any], alpha: float) -> dict[str, Any]:
+    """`adapters` with an "alpha" leaf in every module (as a loaded file has), so no config alpha is needed."""
+    flat = traverse_util.flatten_dict(dict(adapters))
+    flat.update({(*k[:-1], "alpha"): jnp.float32(alpha) for k in list(flat) if k[-1] == "up"})
+    return traverse_util.unflatten_dict(flat)
+
+
 def delta(down: jax.Array, up: jax.Array) -> jax.Array:
     """down @ up with the kernel's shape: (in, out) or (kh, kw, in, out)."""
     return jnp.einsum("...r,ro->...o", down, up, precision=jax.lax.Precision.HIGHEST)

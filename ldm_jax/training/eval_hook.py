@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ldm_jax.evaluation.evaluator import Evaluator, check_eval_config
+from ldm_jax.interop.workdir import LDM_OBJECTIVES
 from ldm_jax.training.objective import Hook, HookContext
 from ldm_jax.training.sample_grid import sampling_pipeline
 
@@ -58,12 +59,13 @@ class EvalHook(Hook):
 
 
 def eval_hooks(config: Any, objective: Any, workdir: str | pathlib.Path) -> list[Hook]:
-    """[EvalHook] for an LDM config whose `eval` block has every > 0 (checked before anything compiles).
+    """[EvalHook] for an LDM config (also LoRA / DreamBooth: they sample through `objective.sampling_params`) whose
+    `eval` block has every > 0 (checked before anything compiles).
 
     (An autoencoder config's `eval` block is its reconstruction evaluation, run by that objective itself.)
     """
     block = config.get("eval")
-    if config.get("objective", "ldm") != "ldm" or block is None or int(block.every) <= 0:
+    if config.get("objective", "ldm") not in LDM_OBJECTIVES or block is None or int(block.every) <= 0:
         return []
     if config.get("cond") is not None and config.cond.type == "class":
         raise ValueError("eval.every > 0: the evaluator samples text or unconditional models, not class-conditional")

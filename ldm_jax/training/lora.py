@@ -33,7 +33,7 @@ from ldm_jax import sharding as shd
 from ldm_jax.interop import lora as lora_io
 from ldm_jax.interop import pretrained
 from ldm_jax.models import lora
-from ldm_jax.training import ldm, ldm_io
+from ldm_jax.training import ldm, ldm_io, sample_grid
 from ldm_jax.training.objective import ConfigError
 from ldm_jax.training.state import TrainState
 
@@ -63,6 +63,7 @@ class LoraLDMObjective(ldm.LDMObjective):
             raise ConfigError(f"lora.base_dtype={config.lora.base_dtype!r}; use one of {sorted(ldm.DTYPES)}")
         self.base_dtype = ldm.DTYPES[config.lora.base_dtype]
         self.base = None  # a `Pretrained` read by `build` (with_base), reused by load_pretrained
+        self._merge = None  # jit(adapted), made by the first `sampling_params`
 
     @property
     def text_trainable(self) -> bool:
@@ -84,18 +85,19 @@ class LoraLDMObjective(ldm.LDMObjective):
         model["lora"] = adapters
         return {"params": {"model": model}, "frozen": frozen, "extra": v["extra"]}
 
-    def adapted(self, model: Any, state: TrainState, key: jax.Array | None = None) -> dict[str, Any]:
-        """The trainable tree the LDM loss expects ({"unet", ["text"], ...}) with the adapters applied."""
+    def adapted(self, model: Any, frozen: dict[str, Any], key: jax.Array | None = None) -> dict[str, Any]:
+        """The trainable tree the LDM loss expects ({"unet", ["text"], ...}) with the adapters merged into the base
+        `frozen` (the weight-space form of what `loss` computes on the activations; `key`: with dropout)."""
         out = {k: v for k, v in model.items() if k != "lora"}
         for i, m in enumerate(MODELS):
-            if m not in state.frozen:
+            if m not in frozen:
                 continue
             if m in model["lora"]:
                 sub = None if key is None else jax.random.fold_in(key, i)
-                out[m] = lora.apply(state.frozen[m], [(model["lora"][m], 1.0)], alpha=self.lora.alpha,
+                out[m] = lora.apply(frozen[m], [(model["lora"][m], 1.0)], alpha=self.lora.alpha,
                                     dropout=self.lora.dropout if key is not None else 0.0, key=sub)
             elif m == "unet":
-                out[m] = state.frozen[m]
+                out[m] = frozen[m]
         return out
 
     def loss(self, model: Any, state: TrainState, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
@@ -138,8 +140,30 @@ class LoraLDMObjective(ldm.LDMObjective):
             frozen["text"] = shd.put_like(host, state.frozen["text"])
         return state.replace(frozen=frozen)
 
+    def sampling_spec(self, scale_factor: float = 1.0) -> dict:
+        """The LDM spec with nothing of the base in "weights" (checkpoints do not hold it): "base" (the `init_from`
+        path) and "lora" ({"weights": state paths of the adapters per model, "alpha"}), which
+        `ldm_jax.interop.workdir.load_workdir` reads to give the base with the run's adapters."""
+        spec = super().sampling_spec(scale_factor)
+        spec["weights"] = {}
+        spec["base"] = str(pathlib.Path(self.config.init_from).expanduser().absolute())
+        spec["lora"] = {"weights": {m: ["params", "model", "lora", m] for m in sorted(self.lora.targets)},
+                        "alpha": float(self.lora.alpha)}
+        return spec
+
+    def sampling_params(self, state: TrainState, use_ema: bool = True) -> dict:
+        """{"unet", "vae", ["text"]} of a live state: the base with the (EMA) adapters merged in (`adapted`)."""
+        trees = state.ema if use_ema and state.ema else state.params
+        if self._merge is None:
+            self._merge = jax.jit(self.adapted)
+        p = self._merge(trees["model"], {m: state.frozen[m] for m in MODELS if m in state.frozen})
+        out = {"unet": p["unet"], "vae": state.frozen["first_stage"]}
+        if self.text is not None:
+            out["text"] = p.get("text", state.frozen["text"])
+        return out
+
     def hooks(self) -> list:
-        return []  # the LDM sample grid reads params["model"]["unet"]; sample with the exported file instead
+        return sample_grid.ldm_hooks(self)  # sample grids of the base + the EMA adapters (`sampling_params`)
 
     def export_lora(self, state: TrainState, path: str | pathlib.Path, *, use_ema: bool = True,
                     format: str = "diffusers", dtype: Any = jnp.float32) -> None:

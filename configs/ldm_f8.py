@@ -4,7 +4,8 @@
   --config=configs/ldm_f8.py:finetune     start the UNet (and VAE, CLIP) from an SD v1 checkpoint: set
                                           --config.init_from=PATH (diffusers folder or .safetensors)
 Needs: --config.first_stage.checkpoint (the SD VAE: a diffusers folder or a single file),
---config.cond.text_checkpoint and --config.cond.tokenizer (CLIP ViT-L/14 text encoder and tokenizer folder),
+--config.cond.text_checkpoint and --config.cond.tokenizer (CLIP ViT-L/14 text encoder and tokenizer folder; with
+init_from, empty ones take it: a diffusers folder gives all three, a single file all but the tokenizer),
 and data: --config.data.source=folder --config.data.path=DIR (images + captions) or a tfds dataset.
 """
 import ml_collections

@@ -186,16 +186,31 @@ def test_caption_dropout_drops_both_towers_together(objective, state):
 def test_text_towers_train_when_asked(objective, state, pretrained):
     from ldm_jax.training import ldm
 
-    c = copy_config(objective.config, text_trainable=True)
-    obj = ldm.LDMObjective(c, objective.tokenizer)
-    model = {"unet": state.params["model"]["unet"], "text": pretrained.text_params}
-    batch = {"latent_mean": jnp.zeros((2, 4, 4, 4)), "latent_std": jnp.ones((2, 4, 4, 4)),  # no VAE in the graph
-             "input_ids": jnp.asarray(objective.tokenizer(["a", "b"])), "original_size": jnp.full((2, 2), 40),
-             "crop_top_left": jnp.zeros((2, 2)), "target_size": jnp.full((2, 2), 32)}
-    grads = jax.jit(jax.grad(lambda m: obj.loss(m, state, batch, jax.random.key(1))[0]))(model)
-    for name in ("text_encoder", "text_encoder_2"):  # gradients reach both towers
-        assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads["text"][name])) > 0, name
-    assert "text" not in objective.init(jax.random.key(0))["params"]["model"]  # the default keeps them frozen
+    obj = ldm.LDMObjective(copy_config(objective.config, text_trainable=True), objective.tokenizer)
+    abstract = jax.eval_shape(lambda: obj.init(jax.random.key(0)))
+    assert set(abstract["params"]["model"]["text"]) == {"text_encoder", "text_encoder_2"}  # trained, not frozen
+    assert "text" not in abstract["frozen"] and "text" in jax.eval_shape(lambda: objective.init(jax.random.key(0)))["frozen"]
+    batch = {"input_ids": jnp.asarray(objective.tokenizer(["a red circle", "b"])), "original_size": jnp.full((2, 2), 40),
+             "crop_top_left": jnp.zeros((2, 2)), "target_size": jnp.full((2, 2), 32), "image": jnp.zeros((2, 32, 32, 3))}
+    r = jax.random.normal(jax.random.key(2), (2, 77, 32))
+    uncond = state.extra["uncond_ids"]
+
+    def score(text, trainable):  # a linear read-out of (context, y): its gradient is what the loss sends back
+        ctx, y = obj.cond(text, obj.unet, batch, jnp.zeros((2,), bool), uncond, trainable)
+        return jnp.sum(ctx * r) + jnp.sum(y[:, :16])
+
+    grad = jax.jit(jax.grad(score), static_argnums=1)
+    grads = grad(pretrained.text_params, True)
+    for name in ("text_encoder", "text_encoder_2"):  # both towers get gradients; frozen ones none
+        assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads[name])) > 0, name
+    frozen = grad(pretrained.text_params, False)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(frozen)) == 0.0
+    # the objective encodes with the trained tree (params["model"]["text"]), not with state.frozen
+    moved = jax.tree_util.tree_map(lambda a: a * 1.5, pretrained.text_params)
+    key = jax.random.key(4)
+    a, _ = obj.conditioning({"text": moved}, state, batch, key)
+    b, _ = obj.conditioning({"text": pretrained.text_params}, state, batch, key)
+    assert float(jnp.abs(a - b).max()) > 0
 
 
 def copy_config(config, **cond):
@@ -205,3 +220,48 @@ def copy_config(config, **cond):
     for k, v in cond.items():
         c.cond[k] = v
     return c
+
+
+def test_refiner_micro_conditioning_takes_the_aesthetic_score():
+    from ldm_jax import conditioning
+    from ldm_jax.interop import pretrained as pio
+    from ldm_jax.models.unet import UNet
+    from ldm_jax.training.text_conditioning import TextConditioner
+
+    c = load_config("ldm_sdxl", "tiny,refiner")
+    p = pio.load_diffusers(TINY.parent / "tiny_sdxl_refiner")
+    unet = UNet(**c.unet.to_dict())
+    tok = conditioning.resolve_tokenizer(p.text_kwargs, p.tokenizer_dir)
+    cond = TextConditioner(c.cond, c.unet.to_dict(), int(c.image_size), tokenizer=tok)
+    assert cond.n_ids == 5 and cond.towers == ("text_encoder_2",)
+    batch = {"input_ids": jnp.asarray(tok(["a red circle", "a cat"])), "original_size": jnp.array([[96, 80], [64, 64]]),
+             "crop_top_left": jnp.array([[16, 8], [0, 0]]), "aesthetic_score": jnp.array([7.5, 3.0])}
+    _, y = cond(p.text_params, unet, batch, jnp.zeros((2,), bool), jnp.asarray(cond.uncond_ids()), False)
+    _, pooled = cond.module.apply({"params": p.text_params}, batch["input_ids"])
+    for i, score in enumerate((7.5, 3.0)):
+        ids, _ = conditioning.micro_ids(5, 64, 64, original_size=tuple(np.asarray(batch["original_size"][i])),
+                                        crops_coords_top_left=tuple(np.asarray(batch["crop_top_left"][i])),
+                                        aesthetic_score=score)
+        np.testing.assert_allclose(np.asarray(y[i]), np.asarray(unet.added_cond(pooled[i:i + 1], ids[None])[0]),
+                                   rtol=1e-6, atol=1e-6)
+    without = {k: v for k, v in batch.items() if k != "aesthetic_score"}  # then cond.aesthetic_score (6.0)
+    _, y6 = cond(p.text_params, unet, without, jnp.zeros((2,), bool), jnp.asarray(cond.uncond_ids()), False)
+    ids6, _ = conditioning.micro_ids(5, 64, 64, original_size=(64, 64), aesthetic_score=6.0)
+    np.testing.assert_allclose(np.asarray(y6[1]), np.asarray(unet.added_cond(pooled[1:2], ids6[None])[0]), atol=1e-6)
+
+
+def test_sizes_missing_from_the_data_fail_before_compiling(objective):
+    from ldm_jax.training.objective import ConfigError
+
+    for key, value, match in (("data.record_sizes", False, "records no sizes"),
+                              ("data.cache", "/tmp/latents", "data.cache keeps no image sizes")):
+        c = copy_config(objective.config)
+        section, name = key.split(".")
+        c[section][name] = value
+        with pytest.raises(ConfigError, match=match):
+            type(objective)(c, objective.tokenizer).validate(None)
+    c = copy_config(objective.config, micro_conditioning="fixed", drop_mode="zeros")
+    c.data.record_sizes = False
+    type(objective)(c, objective.tokenizer).validate(None)  # fixed ids need no sizes
+    with pytest.raises(ConfigError, match="drop_mode='nope' is unknown"):
+        type(objective)(copy_config(objective.config, drop_mode="nope"), objective.tokenizer)

@@ -10,6 +10,9 @@ Prints, and writes as JSON to $OUT/device_check.json when $OUT is set:
 - SD1 512x512, 50 DPM++ 2M steps with CFG, batch 1 and 8 (random weights: speed does not depend on them): seconds
   per batch, compile time apart;
 - which attention implementation the models used (cuDNN fused attention or XLA's).
+`--model sdxl` (UNTESTED on an accelerator: written without one, only its CPU smoke size has run): the same for
+the SDXL base UNet (2,567.5M) at 1024² (128x128x4 latents, batch 8, context 77x2048 + the text_time vector y) and
+30 Euler steps at batch 1 and 4 with both text towers.
 Anchors: MosaicML SD2 training ~137 img/s per A100 at 256² (latents precomputed); SD1.5 512² 50 steps batch 1 on
 an H100: 1.44 s PyTorch eager, 0.75 s TensorRT.
 """
@@ -38,6 +41,23 @@ FULL = dict(unet="sd1", vae="kl-f8", text="clip-vit-l-14", batch=32, latent=64, 
             train_reps=5)
 SMOKE = dict(unet="tiny", vae="tiny", text="tiny", batch=2, latent=16, image=64, steps=4, sample_batches=(1, 2),
              train_reps=2)
+# SDXL (`--model sdxl`; untested on an accelerator): base UNet, bf16, 1024² images, 30 Euler steps
+FULL_SDXL = dict(FULL, unet="sdxl-base", text="sdxl-base", batch=8, latent=128, image=1024, steps=30,
+                 sample_batches=(1, 4), sampler="euler")
+_TINY_TOWER = dict(vocab_size=1000, width=16, layers=2, heads=2, mlp_dim=32, output_layer=-2, final_norm=False)
+SMOKE_SDXL = dict(SMOKE, unet="sdxl-tiny", text="sdxl-tiny", latent=16, image=128, sampler="euler")
+
+
+def _text_kwargs(name: str) -> dict:
+    """Text-encoder kwargs: a TEXT_PRESETS name, or SDXL's two towers ("sdxl-base"; "sdxl-tiny" for the smoke size)."""
+    from ldm_jax.models.text import SDXL_TEXT, TEXT_PRESETS
+
+    if name == "sdxl-base":
+        return {"encoders": {k: dict(v) for k, v in SDXL_TEXT["sdxl-base"].items()}}
+    if name == "sdxl-tiny":  # widths 16 + 16 = sdxl-tiny's context 32, pooled 16 (+ 6 x 8 micro ids = its y)
+        return {"encoders": {"text_encoder": dict(_TINY_TOWER, act="quick_gelu"),
+                             "text_encoder_2": dict(_TINY_TOWER, act="gelu", projection_dim=16)}}
+    return dict(TEXT_PRESETS[name])
 
 
 def _timed(fn, reps: int) -> float:
@@ -57,7 +77,9 @@ def train_step_check(size: dict, remat: str) -> dict:
     x = jnp.zeros((b, h, h, kw["in_channels"]), jnp.float32)
     t = jnp.zeros((b,), jnp.int32)
     ctx = jnp.zeros((b, 77, ctx_dim), jnp.float32)
-    params = jax.jit(lambda k: model.init(k, x, t, ctx)["params"])(jax.random.key(0))
+    adm = kw.get("adm_in_channels")
+    y = None if adm is None else jnp.zeros((b, adm), jnp.float32)  # SDXL: pooled text + micro-conditioning
+    params = jax.jit(lambda k: model.init(k, x, t, ctx, y)["params"])(jax.random.key(0))
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
     tx = optax.adamw(1e-4, weight_decay=1e-2)
     opt = jax.jit(tx.init)(params)
@@ -68,9 +90,10 @@ def train_step_check(size: dict, remat: str) -> dict:
         noise = jax.random.normal(k2, x.shape)
         tt = jax.random.randint(k3, (b,), 0, 1000)
         c = jax.random.normal(k3, ctx.shape)
+        yy = None if y is None else jax.random.normal(k3, y.shape)
 
         def loss_fn(p):
-            pred = model.apply({"params": p}, x0 + noise, tt, c)
+            pred = model.apply({"params": p}, x0 + noise, tt, c, yy)
             return jnp.mean((pred.astype(jnp.float32) - noise) ** 2)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -101,36 +124,41 @@ def train_step_check(size: dict, remat: str) -> dict:
 def sampling_check(size: dict) -> list[dict]:
     unet_kw = dict(UNET_PRESETS[size["unet"]], dtype=jnp.bfloat16)
     from ldm_jax.models.autoencoder import VAE_PRESETS
-    from ldm_jax.models.text import TEXT_PRESETS
 
     vae_kw = dict(VAE_PRESETS[size["vae"]])
-    text_kw = dict(TEXT_PRESETS[size["text"]])
-    if text_kw.get("width") != unet_kw["context_dim"]:
+    text_kw = _text_kwargs(size["text"])
+    towers = len(text_kw.get("encoders", ())) or None
+    if towers is None and text_kw.get("width") != unet_kw["context_dim"]:
         text_kw["width"] = unet_kw["context_dim"]
+    ids_shape = (77,) if towers is None else (towers, 77)
 
     def tokenizer(texts):
-        return np.zeros((len(texts), 77), np.int32)
+        return np.zeros((len(texts), *ids_shape), np.int32)
 
     pipe = Pipeline.from_configs(unet_kw, vae_kw, text_kw, tokenizer, {}, default_size=size["image"])
     img = size["image"]
     f = pipe.downsample
     k = jax.random.split(jax.random.key(0), 3)
+    adm = unet_kw.get("adm_in_channels")
+    y0 = None if adm is None else jnp.zeros((1, adm))
     dummy = {
         "unet": jax.jit(lambda key: pipe.unet.init(key, jnp.zeros((1, img // f, img // f, unet_kw["in_channels"])),
                                                     jnp.zeros((1,), jnp.int32),
-                                                    jnp.zeros((1, 77, unet_kw["context_dim"])))["params"])(k[0]),
+                                                    jnp.zeros((1, 77, unet_kw["context_dim"])), y0)["params"])(k[0]),
         "vae": jax.jit(lambda key: pipe.vae.init(key, jnp.zeros((1, img, img, 3)), sample_posterior=False)["params"])(k[1]),
-        "text": jax.jit(lambda key: pipe.text_encoder.init(key, jnp.zeros((1, 77), jnp.int32))["params"])(k[2]),
+        "text": jax.jit(lambda key: pipe.text_encoder.init(key, jnp.zeros((1, *ids_shape), jnp.int32))["params"])(k[2]),
     }
     rows = []
     for batch in size["sample_batches"]:
-        gen = lambda: pipe.generate(["a photo"] * batch, sampler="dpmpp_2m", schedule="karras",  # noqa: E731
+        sampler = size.get("sampler", "dpmpp_2m")
+        gen = lambda: pipe.generate(["a photo"] * batch, sampler=sampler, schedule="karras",  # noqa: E731
                                     steps=size["steps"], guidance_scale=7.5, params=dummy, height=img, width=img)
         t0 = time.perf_counter()
         gen()
         first = time.perf_counter() - t0
         sec = _timed(gen, 2)
-        rows.append(dict(batch=batch, image=img, steps=size["steps"], seconds=sec, compile_s=max(first - sec, 0.0)))
+        rows.append(dict(batch=batch, image=img, steps=size["steps"], sampler=sampler, seconds=sec,
+                         compile_s=max(first - sec, 0.0)))
     return rows
 
 
@@ -139,11 +167,13 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="smoke size (tiny models) on whatever backend is there")
     ap.add_argument("--remat", default="dots_no_batch", help="UNet remat policy (configs/ldm_f8.py: dots_no_batch)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: train,sample")
+    ap.add_argument("--model", choices=("sd1", "sdxl"), default="sd1", help="sdxl: UNTESTED on an accelerator")
     args = ap.parse_args()
-    size = SMOKE if args.cpu else FULL
+    size = {("sd1", True): SMOKE, ("sd1", False): FULL, ("sdxl", True): SMOKE_SDXL,
+            ("sdxl", False): FULL_SDXL}[(args.model, args.cpu)]
     dev = jax.devices()[0]
     report = dict(jax=jax.__version__, backend=jax.default_backend(), device=str(dev.device_kind),
-                  devices=jax.device_count(), size="smoke" if args.cpu else "full")
+                  devices=jax.device_count(), size="smoke" if args.cpu else "full", model=args.model)
     peak, source = perf.peak_flops(dev)
     report["peak_tflops"], report["peak_source"] = peak / 1e12, source
     print(f"jax {jax.__version__} on {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}); "
@@ -158,7 +188,7 @@ def main() -> None:
     if "sample" not in skip:
         report["sample"] = sampling_check(size)
         for r in report["sample"]:
-            print(f"sample {r['image']}² {r['steps']} steps DPM++ 2M CFG batch {r['batch']}: {r['seconds']:.2f} s "
+            print(f"sample {r['image']}² {r['steps']} steps {r['sampler']} CFG batch {r['batch']}: {r['seconds']:.2f} s "
                   f"(compile {r['compile_s']:.1f} s)", flush=True)
     report["attention_paths"] = dict(layers.ATTENTION_PATHS)
     print(f"attention paths traced: {report['attention_paths']}", flush=True)

@@ -3,6 +3,7 @@
 # SD1 512² 50-step DPM++ 2M sampling at batch 1 and 8, the attention path. ≤ 8 minutes on one H200.
 #   bash bench/device_check.sh           # full size, on the accelerator
 #   bash bench/device_check.sh --cpu     # smoke size on a CPU
+#   bash bench/device_check.sh --model sdxl   # SDXL base 1024² (UNTESTED on an accelerator; its --cpu smoke size ran)
 # The device image has jax + flax + optax + orbax + transformers + safetensors only. Pure-Python packages the
 # check needs beyond those (ml-collections, absl-py, tqdm) are installed from wheels in $WHEELS (default: wheels/,
 # made here with `pip download --no-deps -d wheels ml-collections absl-py tqdm` and carried with the run).

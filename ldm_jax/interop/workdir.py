@@ -157,7 +157,7 @@ def _load_lora_workdir(workdir: pathlib.Path, spec: Mapping[str, Any], step: int
         raise FileNotFoundError(f"{workdir} is a LoRA run on the base {base}, which does not exist any more: put the "
                                 "base back there, or export the adapters (LoraLDMObjective.export_lora) and "
                                 "load that file into a pipeline of the base (Pipeline.load_lora)")
-    p = (load_diffusers if base.is_dir() else load_single_file)(base)
+    p = load_model(base)
     adapters, meta, step = read_arrays(workdir, resolve(spec["lora"]["weights"], spec["ema_groups"], use_ema), step)
     alpha = float(spec["lora"]["alpha"])
     adapters = {m: lora.with_alpha(tree, alpha) for m, tree in adapters.items()}
@@ -166,3 +166,11 @@ def _load_lora_workdir(workdir: pathlib.Path, spec: Mapping[str, Any], step: int
         p = dataclasses.replace(p, tokenizer_dir={n: str(workdir / t) for n, t in tok.items()}
                                 if isinstance(tok, Mapping) else str(workdir / tok))
     return p, {**meta, "step": step, "lora": adapters}
+
+
+def load_model(path: str | pathlib.Path) -> Pretrained:
+    """A diffusers folder, an SD single file or one of our LDM workdirs (EMA weights) as a `Pretrained`."""
+    path = pathlib.Path(path).expanduser()
+    if is_workdir(path):
+        return load_workdir(path)[0]
+    return (load_diffusers if path.is_dir() else load_single_file)(path)

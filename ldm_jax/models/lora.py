@@ -241,6 +241,8 @@ def activations(models: Mapping[type, str], loras: Mapping[str, Sequence[tuple[M
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
+        if module.scope is None:  # a method of an unbound module (a property, a helper such as UNet.added_cond)
+            return next_fun(*args, **kwargs)
         if not module.path:  # a root: UNet.apply, the text encoder, the first stage, a helper clone
             current.append(models.get(type(module)))
             try:

@@ -1,6 +1,6 @@
 """LoRA fine-tuning: the LDM objective with its UNet (and optionally text encoder) replaced by base + adapters.
 
-The base weights (`init_from`: a diffusers folder or an SD single file) sit in `state.frozen["unet"]` /
+The base weights (`init_from`: a diffusers folder, an SD single file or one of our LDM workdirs) sit in `state.frozen["unet"]` /
 `["text"]` — never in the optimizer state, never donated by the step (the trainer donates `params` and
 `opt_state`; frozen arrays pass through the jitted step unchanged), optionally held in bfloat16
 (`lora.base_dtype`). The only trainable group is `params["model"] = {"lora": {"unet": adapters[, "text": ...]}}`
@@ -31,7 +31,7 @@ import ml_collections
 
 from ldm_jax import sharding as shd
 from ldm_jax.interop import lora as lora_io
-from ldm_jax.interop import pretrained
+from ldm_jax.interop import workdir as workdir_io
 from ldm_jax.models import lora
 from ldm_jax.training import ldm, ldm_io, sample_grid
 from ldm_jax.training.objective import ConfigError
@@ -59,6 +59,9 @@ class LoraLDMObjective(ldm.LDMObjective):
         self.lora = lora_config_of(config)
         if "text" in self.lora.targets and self.text is None:
             raise ConfigError("lora.text_targets is set but the model has no text encoder (cond.type != 'text')")
+        if "text" in self.lora.targets and self.cond.towers is not None:
+            raise ConfigError("lora.text_targets: LoRAs on SDXL's two text towers are not supported yet; train the "
+                              "UNet's adapters only (--config.lora.text_targets='')")
         if config.lora.base_dtype not in ldm.DTYPES:
             raise ConfigError(f"lora.base_dtype={config.lora.base_dtype!r}; use one of {sorted(ldm.DTYPES)}")
         self.base_dtype = ldm.DTYPES[config.lora.base_dtype]
@@ -125,18 +128,20 @@ class LoraLDMObjective(ldm.LDMObjective):
         super().validate(mesh)
 
     def load_pretrained(self, state: TrainState, mesh) -> TrainState:
-        """First stage and text encoder as the LDM objective loads them; the UNet (and text) base into `frozen`."""
+        """The base's UNet, first stage and text encoder into `frozen` (a first stage / text encoder named apart
+        from `init_from` is read from there, as the LDM objective reads it)."""
         c = self.config
         frozen = dict(state.frozen)
+        p = self.base or workdir_io.load_model(c.init_from)
         if str(c.first_stage.checkpoint) != "random":
-            host = ldm_io.load_first_stage(c, self.first_stage, state.frozen["first_stage"])
+            own = str(c.first_stage.checkpoint) in ("", str(c.init_from))  # the base's own first stage
+            host = p.vae_params if own else ldm_io.load_first_stage(c, self.first_stage, state.frozen["first_stage"])
             frozen["first_stage"] = shd.put_like(host, state.frozen["first_stage"])
-        path = pathlib.Path(c.init_from)
-        p = self.base or (pretrained.load_diffusers if path.is_dir() else pretrained.load_single_file)(path)
         self.base = None  # the host copy is not needed once the weights are on the devices
         frozen["unet"] = shd.put_like(p.unet_params, state.frozen["unet"])
         if self.text is not None:
-            host = ldm_io.load_text_encoder(c) if c.cond.text_checkpoint else p.text_params
+            own = str(c.cond.text_checkpoint) in ("", str(c.init_from))  # the base's own text encoder
+            host = p.text_params if own else ldm_io.load_text_encoder(c)
             frozen["text"] = shd.put_like(host, state.frozen["text"])
         return state.replace(frozen=frozen)
 
@@ -186,8 +191,9 @@ def with_base(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigD
         return config, None
     path = pathlib.Path(config.init_from)
     if not path.exists():
-        raise ConfigError(f"init_from={config.init_from!r} does not exist (a diffusers folder or an SD .safetensors)")
-    p = (pretrained.load_diffusers if path.is_dir() else pretrained.load_single_file)(path)
+        raise ConfigError(f"init_from={config.init_from!r} does not exist (a diffusers folder, an SD .safetensors "
+                          "or a workdir of ours)")
+    p = workdir_io.load_model(path)
     c = ml_collections.ConfigDict(config.to_dict())
     c.unet = dict(p.unet_kwargs)
     c.first_stage.kwargs = dict(p.vae_kwargs)
@@ -199,8 +205,10 @@ def with_base(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigD
         c.cond.text_checkpoint = str(c.cond.text_checkpoint or path)
         if not c.cond.tokenizer:
             if p.tokenizer_dir is None:
-                raise ConfigError(f"{path} has no tokenizer: set --config.cond.tokenizer=FOLDER (CLIP's tokenizer)")
-            c.cond.tokenizer = p.tokenizer_dir
+                raise ConfigError(f"{path} has no tokenizer: set --config.cond.tokenizer=FOLDER (CLIP's tokenizer; "
+                                  "SDXL: a diffusers SDXL folder with tokenizer/ and tokenizer_2/)")
+            tok = p.tokenizer_dir  # SDXL: {tower: folder}; the config names their parent (ldm_io.load_tokenizer)
+            c.cond.tokenizer = str(pathlib.Path(next(iter(tok.values()))).parent) if isinstance(tok, dict) else tok
     s = p.scheduler
     if s["beta_schedule"] not in ("scaled_linear", "linear"):
         raise ConfigError(f"the base's beta_schedule={s['beta_schedule']!r} is not supported for LoRA training")

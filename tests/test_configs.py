@@ -16,8 +16,10 @@ from ldm_jax.training import trainer as tr
 from training_utils import load_config
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
-TRACED = {"ldm_tiny": ["", "test,class", "test,none"], "ldm_uncond": ["churches", "celebahq"]}
-BUILT_ONLY = {"ldm_f8": ["finetune"], "ldm_sd2": ["v"], "ldm_uncond": ["ffhq", "bedrooms"], "ldm_tiny": ["test", "class", "none"]}
+# ldm_sdxl: the full-size base is traced by tests/test_memory.py (its counts); here the tiny one
+TRACED = {"ldm_tiny": ["", "test,class", "test,none"], "ldm_uncond": ["churches", "celebahq"], "ldm_sdxl": ["tiny"]}
+BUILT_ONLY = {"ldm_f8": ["finetune"], "ldm_sd2": ["v"], "ldm_uncond": ["ffhq", "bedrooms"], "ldm_tiny": ["test", "class", "none"],
+              "ldm_sdxl": ["", "finetune", "refiner", "tiny,refiner"]}
 CASES = [(name, arg) for name in CONFIGS for arg in TRACED.get(name, [""])]
 BUILT = [(name, arg) for name, args in BUILT_ONLY.items() for arg in args]
 

@@ -144,16 +144,36 @@ class LDMObjective(Objective):
     def _uncond_ids(self) -> np.ndarray:
         return self.cond.uncond_ids()
 
+    def loaded_parts(self) -> set[str]:
+        """The parts `load_pretrained` overwrites on a fresh run (and a resume restores): "unet" with `init_from`,
+        "first_stage" with a first-stage checkpoint, "text" with `cond.text_checkpoint`."""
+        c, out = self.config, set()
+        if c.init_from:
+            out.add("unet")
+        if str(c.first_stage.checkpoint) not in ("", "random"):
+            out.add("first_stage")
+        if self.text is not None and c.cond.text_checkpoint:
+            out.add("text")
+        return out
+
+    def _init_part(self, name: str, init: Any) -> Any:
+        """`init()`, or zeros of its shapes (logical names kept) for a part that is loaded anyway: XLA then compiles
+        no random-init program for it (for a tiny SDXL that program took as long to compile as the train step)."""
+        if name not in self.loaded_parts():
+            return init()
+        return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(init))
+
     def init(self, key: jax.Array) -> dict[str, Any]:
         c = self.config
         k_unet, k_text, k_fs, k_cls = jax.random.split(key, 4)
         x = jnp.zeros((1, *self.latent_shape), jnp.float32)
         context, y = self._dummy_cond()
-        model: dict[str, Any] = {"unet": self.unet.init(k_unet, x, jnp.zeros((1,), jnp.int32), context, y)["params"]}
+        model: dict[str, Any] = {"unet": self._init_part(
+            "unet", lambda: self.unet.init(k_unet, x, jnp.zeros((1,), jnp.int32), context, y)["params"])}
         frozen: dict[str, Any] = {}
         extra: dict[str, Any] = {"scale_factor": jnp.asarray(c.first_stage.scale_factor, jnp.float32)}
         if self.text is not None:
-            text_params = self.cond.init(k_text)
+            text_params = self._init_part("text", lambda: self.cond.init(k_text))
             (model if self.text_trainable else frozen)["text"] = text_params
             extra["uncond_ids"] = jnp.asarray(self._uncond_ids())
         if self.class_embed is not None:
@@ -161,7 +181,8 @@ class LDMObjective(Objective):
         if c.diffusion.learn_logvar:
             model["logvar"] = jnp.full((c.diffusion.num_timesteps,), c.diffusion.logvar_init, jnp.float32)
         img = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
-        frozen["first_stage"] = self.first_stage.init(k_fs, img, method=round_trip)["params"]
+        frozen["first_stage"] = self._init_part(
+            "first_stage", lambda: self.first_stage.init(k_fs, img, method=round_trip)["params"])
         return {"params": {"model": model}, "frozen": frozen, "extra": extra}
 
     def _dummy_cond(self):

@@ -241,22 +241,61 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else mask
 
 
+_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / side**2 of each template
+_BLURS = (0.0, 0.5, 0.8, 1.1, 1.5)  # px (Gaussian sigma) a template may be blurred by to match an image
+
+
+def _coverage(shape: str, cy: float, cx: float, half: float, height: int, width: int, sub: int = 4) -> np.ndarray:
+    """Fraction of each pixel covered by `shape` in its box of half-side `half` around (cy, cx) (sub x sub samples)."""
+    fine = _shape_mask(shape, cy * sub, cx * sub, half * sub, half * sub, height * sub, width * sub)
+    return fine.reshape(height, sub, width, sub).mean((1, 3))
+
+
+def _fit_shape(alpha: np.ndarray, shapes: Sequence[str]) -> tuple[str, float, float, float, float]:
+    """The template that best explains a soft shape mask: (shape, side, box center y, x, fit).
+
+    Blurring keeps a mask's area and centroid, so each shape's template is placed with the mask's area and
+    centroid (a triangle's centroid sits a sixth of its side below its box center) and compared, blurred by
+    each of `_BLURS`, with the mask in squared error; fit = 1 - error / mask energy of the best candidate.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    area = float(alpha.sum())
+    ys, xs = np.mgrid[:alpha.shape[0], :alpha.shape[1]] + 0.5
+    my, mx = float((alpha * ys).sum() / area), float((alpha * xs).sum() / area)
+    best = ("", 0.0, 0.0, 0.0, np.inf)
+    for shape in shapes:
+        side = float(np.sqrt(area / _FILL[shape]))
+        cy = my - side / 6 if shape == "triangle" else my
+        template = _coverage(shape, cy, mx, side / 2, *alpha.shape)
+        for sigma in _BLURS:
+            t = gaussian_filter(template, sigma, mode="constant") if sigma else template
+            err = float(((t - alpha) ** 2).sum())
+            if err < best[4]:
+                best = (shape, side, cy, mx, err)
+    shape, side, cy, cx, err = best
+    return shape, side, cy, cx, 1.0 - err / max(float((alpha ** 2).sum()), 1e-6)
+
+
 def describe(image_uint8: np.ndarray, spec: ShapesSpec | None = None) -> dict[str, str | float | None]:
-    """Color, shape, size, position and background read from an image, plus the shape fit (IoU).
+    """Color, shape, size, position and background read from an image, plus the shape fit.
 
     Pixels are mapped to the nearest palette color; the background is the most common color on the
-    border; the shape's color is the most common other shape color. Its shape is the template
-    (circle/square/triangle drawn in the blob's bounding box) with the highest IoU with the blob.
+    border; the shape's color is the most common other shape color, and its largest connected blob
+    locates the shape. Around the blob each pixel's soft membership (its position between the background
+    and the shape color) forms a soft mask; shape, size and position are those of the template (circle,
+    square, triangle of the mask's area and centroid, sharp or blurred up to 1.5 px) that fits the mask
+    best, so a slightly blurred shape (an autoencoder's reconstruction, a sample) is read as drawn.
     """
     spec = spec or ShapesSpec()
     image = np.asarray(image_uint8)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"classify expects a (H, W, 3) uint8 image, got shape {image.shape}")
     stride = max(1, min(image.shape[:2]) // 64)  # 64 px are plenty to tell shapes apart; keeps this fast
-    image = image[stride // 2::stride, stride // 2::stride]
+    image = image[stride // 2::stride, stride // 2::stride].astype(np.float32)
     names = sorted(set(spec.colors) | set(spec.backgrounds))
     palette = np.asarray([PALETTE[n] for n in names], np.float32)
-    dist = ((image.astype(np.float32)[:, :, None, :] - palette) ** 2).sum(-1)
+    dist = ((image[:, :, None, :] - palette) ** 2).sum(-1)
     nearest = dist.argmin(-1)
     border = np.concatenate([nearest[0], nearest[-1], nearest[:, 0], nearest[:, -1]])
     background = int(np.bincount(border, minlength=len(names)).argmax())
@@ -269,17 +308,20 @@ def describe(image_uint8: np.ndarray, spec: ShapesSpec | None = None) -> dict[st
         return out
     blob = _largest_component(nearest == color)
     ys, xs = np.nonzero(blob)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    cy, cx, side = (y0 + y1) / 2, (x0 + x1) / 2, float(max(y1 - y0, x1 - x0))
-    best, best_iou = None, -1.0
-    for shape in spec.shapes:
-        template = _shape_mask(shape, cy, cx, (y1 - y0) / 2, (x1 - x0) / 2, *blob.shape)
-        iou = float((template & blob).sum() / max((template | blob).sum(), 1))
-        if iou > best_iou:
-            best, best_iou = shape, iou
+    pad = 3  # px around the blob: room for a blurred edge
+    y0, y1 = max(ys.min() - pad, 0), min(ys.max() + 1 + pad, image.shape[0])
+    x0, x1 = max(xs.min() - pad, 0), min(xs.max() + 1 + pad, image.shape[1])
+    bg, fg = palette[background], palette[color]
+    d = fg - bg
+    window = image[y0:y1, x0:x1] - bg
+    alpha = np.clip((window @ d) / float(d @ d), 0.0, 1.0)
+    off = np.linalg.norm(window - alpha[..., None] * d, axis=-1) > 0.5 * np.linalg.norm(d)
+    alpha[off] = 0.0  # another color: not this shape
+    shape, side, cy, cx, fit = _fit_shape(alpha, spec.shapes)
+    cy, cx = cy + y0, cx + x0
     res = image.shape[0]
-    row, col = min(int(cy * 3 / res), 2), min(int(cx * 3 / image.shape[1]), 2)
-    out.update(color=names[color], shape=best, fit=best_iou, position=POSITIONS[row * 3 + col],
+    row, col = min(max(int(cy * 3 / res), 0), 2), min(max(int(cx * 3 / image.shape[1]), 0), 2)
+    out.update(color=names[color], shape=shape, fit=fit, position=POSITIONS[row * 3 + col],
                size=min(spec.sizes, key=lambda s: abs(SIZES[s] * res - side)))
     return out
 

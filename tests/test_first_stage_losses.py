@@ -89,3 +89,34 @@ def test_shapes_reconstruction_agreement():
     every = dict.fromkeys(shapes.ATTRIBUTES, True)
     lost = {**dict.fromkeys(shapes.ATTRIBUTES, False), "background": True}  # the background is all that is left
     assert kept == [every, lost, every, every]
+
+
+def test_kl_autoencoder_can_train_on_the_posterior_mean():
+    """loss.sample_posterior=False: the step decodes the posterior mean, whatever the key (LDM's default, True, decodes
+    a sample: the posterior's std here is far from 0, so a sample would differ)."""
+    import importlib.util
+    import pathlib
+
+    from ldm_jax.training.autoencoder import build
+
+    path = pathlib.Path(__file__).parents[1] / "configs" / "autoencoder_shapes.py"
+    spec = importlib.util.spec_from_file_location("autoencoder_shapes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("test")
+    assert cfg.loss.sample_posterior  # the default
+    with cfg.unlocked():
+        cfg.loss.sample_posterior = False
+    obj = build(cfg)
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+    params = jax.jit(obj.init)(jax.random.key(1))["params"]["ae"]
+    recon = jax.jit(lambda p, k: obj._reconstruct(p, x, k)[0])
+    a, b = recon(params, jax.random.key(2)), recon(params, jax.random.key(3))
+    np.testing.assert_array_equal(a, b)
+    def mean_and_std(p):
+        recon_of_mean, posterior = obj.model.apply({"params": p}, x, sample_posterior=False)
+        return recon_of_mean, posterior.std
+
+    mean, std = jax.jit(mean_and_std)(params)
+    np.testing.assert_allclose(a, mean, atol=1e-6)
+    assert float(jnp.min(std)) > 0.5

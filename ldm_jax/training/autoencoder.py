@@ -102,6 +102,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
             codebook_weight=1.0,
             logvar_init=0.0,
             learn_logvar=False,
+            # KL: decode a posterior sample (LDM) or, False, its mean (a deterministic autoencoder; the KL term
+            # then only bounds the latents' scale)
+            sample_posterior=True,
         )
     )
 
@@ -231,7 +234,8 @@ class AutoencoderObjective(Objective):
     def _reconstruct(self, ae_params, x, key):
         """(x̂, regulariser) with gradients; reg = sum(KL)/B or the codebook loss."""
         if self.kind == "kl":
-            recon, post = self.model.apply({"params": ae_params}, x, key=key)
+            recon, post = self.model.apply({"params": ae_params}, x, key=key,
+                                           sample_posterior=bool(self.loss_cfg.sample_posterior))
             return recon, jnp.sum(post.kl()) / x.shape[0]
         recon, qloss, _ = self.model.apply({"params": ae_params}, x)
         return recon, jnp.mean(qloss)

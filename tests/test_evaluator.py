@@ -65,6 +65,16 @@ def test_evaluator_logs_the_fid_of_its_samples(tmp_path, goldens_dir):
     assert [json.loads(x)["step"] for x in lines] == [3, 5] and json.loads(lines[1])["fid_first_stage"] == 1.0
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
 
+    # the next evaluation of a training run: the train step has donated the state's buffers since, frozen ones too,
+    # so the first-stage weights come in new buffers and the old ones are gone
+    import jax
+
+    fresh = jax.tree_util.tree_map(lambda a: jax.numpy.array(a, copy=True), dict(pipe.params))
+    for a in jax.tree_util.tree_leaves(pipe.params["vae"]):
+        a.delete()
+    again = ev(10, pipe, fresh, writer)
+    assert again["fid_first_stage"] == pytest.approx(values["fid_first_stage"], rel=1e-5)
+
 
 @pytest.mark.parametrize("update, message", [
     (dict(metrics="fid,fidd"), "eval.metrics: unknown metrics \\['fidd'\\]"),

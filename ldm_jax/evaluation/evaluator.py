@@ -125,6 +125,8 @@ class Evaluator:
             if self._first_stage is None:  # frozen in LDM training: one extractor (one compile) serves the run
                 self._first_stage = first_stage.FirstStageFeatures(pipe.vae, params["vae"], batch_size=bs,
                                                                    mesh=pipe.mesh)
+            else:  # the same weights in this call's buffers: the train step donates the state, frozen parts too
+                self._first_stage.set_params(params["vae"])
             out["first_stage"] = self._first_stage
         return out
 

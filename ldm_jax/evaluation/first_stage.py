@@ -17,6 +17,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from ldm_jax import sharding
 from ldm_jax.evaluation.features import BatchedApply, check_images
 
 
@@ -34,6 +35,11 @@ class FirstStageFeatures:
 
     def __init__(self, vae: nn.Module, vae_params: Any, *, batch_size: int = 50, mesh: Mesh | None = None):
         self._apply = BatchedApply(_encode_fn(vae), vae_params, batch_size, mesh)
+
+    def set_params(self, vae_params: Any) -> None:
+        """New buffers of the same weights (a training state's, donated by each step): no recompile."""
+        rep = sharding.replicated(self._apply.mesh)
+        self._apply.params = jax.tree_util.tree_map(lambda a: jax.device_put(a, rep), vae_params)
 
     def __call__(self, images: np.ndarray | Iterable[np.ndarray], *, total: int | None = None,
                  progress: bool = False) -> np.ndarray:

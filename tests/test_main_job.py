@@ -23,9 +23,9 @@ def test_main_job_smoke_leaves_scores_samples_and_logs(tmp_path):
         assert 0.0 <= ev[k] <= 1.0 and ev[k] * ev["num_samples"] == round(ev[k] * ev["num_samples"])
     assert ev["both_accuracy"] <= min(ev["color_accuracy"], ev["shape_accuracy"])
     assert "held-out shapes prompts (6 samples): color accuracy" in out.stdout + out.stderr
-    assert ev["in_distribution"]["num_samples"] == 4 and set(ev["heldout"]) >= {"color", "shape", "size", "position",
+    assert ev["in_distribution"]["num_samples"] == 6 and set(ev["heldout"]) >= {"color", "shape", "size", "position",
                                                                                 "background", "all"}
-    assert "in_distribution (4 samples): color" in out.stdout + out.stderr
+    assert "in_distribution (6 samples): color" in out.stdout + out.stderr
     timing = json.loads((wd / "timing.json").read_text())  # the per-stage table printed at the end
     stages = timing["stages"]
     assert "time per stage" in out.stdout and stages["stage 2/steps"]["count"] == 3  # 4 steps: 1 first + 3
@@ -42,5 +42,5 @@ def test_main_job_smoke_leaves_scores_samples_and_logs(tmp_path):
     assert (wd / "eval_grid.png").stat().st_size > 0 and list((wd / "samples").glob("*.png"))
     assert list((wd / "tb").glob("events.out.tfevents.*")) and list((wd / "first_stage" / "tb").glob("events.out.tfevents.*"))
     [rec] = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]  # config.eval, step 4
-    assert rec["step"] == 4 and rec["num_samples"] == 8 and rec["fid_first_stage"] > 0
+    assert rec["step"] == 4 and rec["num_samples"] == 6 and rec["fid_first_stage"] > 0
     assert (wd / "tokenizer.json").exists() and (wd / "checkpoints" / "4").is_dir()

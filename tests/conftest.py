@@ -4,6 +4,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# The tests compile hundreds of tiny programs, each run a few times: LLVM's optimisation of XLA:CPU's own loops costs
+# more than it saves there (measured: tests/test_unet.py + test_pipeline_lora.py + test_samplers.py 148 -> 103 s CPU,
+# tests/test_first_stage_train.py + test_checkpoint.py 252 s either way; the same tolerances pass). Convolutions and
+# matmuls are library calls either way. The programs the tests start with their own XLA_FLAGS keep the default.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tensorflow must never take an accelerator

@@ -97,6 +97,30 @@ def test_losses_match_float64_formulas():
         np.testing.assert_allclose(float(got), expect, rtol=1e-5)
 
 
+def test_logit_normal_timesteps_follow_their_distribution():
+    """t = floor(T sigmoid(m + s n)): the empirical CDF matches the logit-normal's at several t; uniform stays
+    uniform; bad names and scales are refused (before tracing, in the objective: ConfigError)."""
+    from scipy.stats import norm
+
+    n, T = 200_000, 1000
+    t = np.asarray(losses.sample_timesteps(jax.random.key(0), n, T, "logit_normal", 1.0, 0.8))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= T - 1
+    for q in (100, 500, 850, 990):
+        want = norm.cdf((math.log(q / (T - q)) - 1.0) / 0.8)  # P(t < q) = P(sigmoid(.) < q / T)
+        assert abs(np.mean(t < q) - want) < 0.005, (q, np.mean(t < q), want)
+    u = np.asarray(losses.sample_timesteps(jax.random.key(1), n, T))
+    assert abs(np.mean(u < 850) - 0.85) < 0.005 and u.max() == T - 1
+    with pytest.raises(ValueError, match="unknown"):
+        losses.sample_timesteps(jax.random.key(0), 4, T, "cosine")
+    with pytest.raises(ValueError, match="scale"):
+        losses.sample_timesteps(jax.random.key(0), 4, T, "logit_normal", 0.0, 0.0)
+    cfg = tiny_config()
+    with cfg.unlocked():
+        cfg.diffusion.timestep_sampling = "lognormal"
+    with pytest.raises(ConfigError, match="timestep_sampling"):
+        ldm.LDMObjective(cfg)
+
+
 def test_accumulate_averages_micro_batches():
     x = jnp.arange(24.0).reshape(8, 3)
 

@@ -254,3 +254,32 @@ def test_cpu_attention_path_matches_dot_product_attention(causal, masked):
     ref = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
     out = layers._attention_head_major(q, k, v, mask=mask, is_causal=causal)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_coordinate_features_give_position_and_leave_presets_unchanged():
+    """coordinate_frequencies > 0: Fourier features of the relative (y, x) added after conv_in. The UNet then tells
+    places apart in an input that is the same everywhere; without them (every preset) it cannot."""
+    from ldm_jax.models.unet_blocks import coordinate_features
+
+    f = np.asarray(coordinate_features(4, 6, 2))
+    assert f.shape == (4, 6, 8)
+    ys, xs = (np.arange(4) + 0.5) / 4 * 2 - 1, (np.arange(6) + 0.5) / 6 * 2 - 1
+    np.testing.assert_allclose(f[:, 0, 1], np.sin(2 * np.pi * ys), atol=1e-6)  # sin(pi 2^1 y)
+    np.testing.assert_allclose(f[0, :, 6], np.cos(np.pi * xs), atol=1e-6)  # cos(pi 2^0 x)
+    assert "coordinate_frequencies" not in str(UNET_PRESETS) and UNet().coordinate_frequencies == 0
+    kw = dict(UNET_PRESETS["tiny"], norm_num_groups=8)
+    # a flat 96 x 96 input: pixels farther than the receptive field (~32 px) from every border see the same
+    # neighbourhood, and self-attention is permutation-equivariant, so without coordinates they get one output
+    x, t, ctx = jnp.ones((1, 96, 96, 4)), jnp.array([500]), jnp.ones((1, 3, 64))
+    for cf in (0, 3):
+        m = UNet(**kw, coordinate_frequencies=cf)
+        params = m.init(jax.random.key(0), x, t, ctx)["params"]
+        assert ("coordinate_embedding" in params) == bool(cf)
+        params = jax.tree.map(lambda a: a + 0.01, params)  # conv_out starts at zero
+        out = np.asarray(m.apply({"params": params}, x, t, ctx))[0]
+        gap = np.abs(out[44, 44] - out[52, 50]).max() / np.abs(out).max()
+        assert (gap < 1e-5) if cf == 0 else (gap > 1e-3), (cf, gap)
+    with pytest.raises(ValueError, match="coordinate_frequencies"):
+        iu.to_diffusers({}, dict(kw, coordinate_frequencies=2))
+    with pytest.raises(ValueError, match="coordinate_frequencies must be >= 0"):
+        UNet(**kw, coordinate_frequencies=-1).init(jax.random.key(0), x, t, ctx)

@@ -7,6 +7,8 @@
   min-SNR-γ weights (Hang et al. 2023, arXiv 2303.09556), SNR = ᾱ/(1−ᾱ):
       eps: min(SNR, γ)/SNR;   v: min(SNR, γ)/(SNR+1);   x0: min(SNR, γ)
   offset noise (Guttenberg 2023): ε += s·ε', ε' ~ N(0, 1) of shape (B, 1, 1, C).
+  timesteps: uniform over [0, T) (DDPM), or logit-normal (Esser et al. 2024, SD3, arXiv 2403.03206, sec. 3.1):
+      t = floor(T·sigmoid(m + s·n)), n ~ N(0, 1); m > 0 puts more of the batch at high noise.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 PREDICTIONS = ("eps", "v", "x0")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 LOSS_TYPES = ("l2", "l1")
 
 
@@ -59,6 +62,20 @@ def min_snr_weight(snr: jax.Array, gamma: float, prediction: str) -> jax.Array:
     if prediction == "x0":
         return clipped
     raise ValueError(f"prediction {prediction!r} is unknown; choose one of {PREDICTIONS}")
+
+
+def sample_timesteps(key: jax.Array, n: int, num_timesteps: int, sampling: str = "uniform", loc: float = 0.0,
+                     scale: float = 1.0) -> jax.Array:
+    """(n,) int32 training timesteps in [0, num_timesteps): uniform, or logit-normal with location `loc` and
+    scale `scale` (see the module docstring)."""
+    if sampling == "uniform":
+        return jax.random.randint(key, (n,), 0, num_timesteps)
+    if sampling == "logit_normal":
+        if not scale > 0:
+            raise ValueError(f"logit-normal timestep scale must be > 0, got {scale}")
+        u = jax.nn.sigmoid(loc + scale * jax.random.normal(key, (n,)))
+        return jnp.clip(jnp.floor(u * num_timesteps).astype(jnp.int32), 0, num_timesteps - 1)
+    raise ValueError(f"timestep sampling {sampling!r} is unknown; choose one of {TIMESTEP_SAMPLING}")
 
 
 def sample_noise(key: jax.Array, shape: tuple[int, ...], offset: float = 0.0, dtype=jnp.float32) -> jax.Array:

@@ -84,6 +84,9 @@ def _block_prefixes(kwargs: Mapping[str, Any], layout: str) -> dict[str, tuple[s
 
 def _leaf_map(kwargs: Mapping[str, Any], layout: str) -> dict[str, tuple[str, str]]:
     """Our flat param path -> (torch key, kind); kind picks the layout transform (see `_to_flax`)."""
+    if kwargs.get("coordinate_frequencies"):
+        raise ValueError(f"a UNet with coordinate_frequencies={kwargs['coordinate_frequencies']} (our coordinate "
+                         f"embedding) has no {layout} equivalent; it loads and saves only as an ldm_jax workdir")
     m = UNet(**kwargs)
     blocks = _block_prefixes(kwargs, layout)
     cv = layout == "compvis"

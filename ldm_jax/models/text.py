@@ -133,8 +133,11 @@ class CLIPTextTransformer(nn.Module):
             raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if not -self.layers <= self.output_layer <= -1:
-            raise ValueError(f"output_layer must be in [-{self.layers}, -1], got {self.output_layer}")
+        if self.layers < 0:
+            raise ValueError(f"layers must be >= 0, got {self.layers}")
+        # layers=0: the embeddings (token + position, final LayerNorm) are the hidden states; output_layer -1
+        if not -max(self.layers, 1) <= self.output_layer <= -1:
+            raise ValueError(f"output_layer must be in [-{max(self.layers, 1)}, -1], got {self.output_layer}")
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

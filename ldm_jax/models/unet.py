@@ -22,6 +22,7 @@ from ldm_jax.models.unet_blocks import (
     ResBlock,
     SpatialTransformer,
     Upsample,
+    coordinate_features,
     micro_conditioning,
     timestep_embedding,
 )
@@ -117,6 +118,10 @@ class UNet(nn.Module):
     num_classes: int | None = None
     adm_in_channels: int | None = None  # width of a float vector y added through an MLP (SDXL: 2816 / 2560)
     addition_time_embed_dim: int = 256  # Fourier width per micro-conditioning id in `added_cond` (SDXL)
+    # > 0: Fourier features of each latent pixel's relative (y, x) (`coordinate_features`, this many frequencies per
+    # axis), projected to model_channels and added after conv_in: absolute position for captions that name a place
+    # ("at the top left"). 0 (every SD/SDXL/LDM preset): none, the original topology.
+    coordinate_frequencies: int = 0
     norm_num_groups: int = 32
     norm_eps: float = 1e-5  # ResBlocks and norm_out (the transformers' GroupNorm keeps LDM's 1e-6)
     dropout: float = 0.0
@@ -231,7 +236,13 @@ class UNet(nn.Module):
             return attn_cls(self.heads(ch), self.norm_eps, self.norm_num_groups, name=name, **kw)
 
         constrain = lambda t: nn.with_logical_constraint(t, ("batch", "height", "width", "channels"))  # noqa: E731
-        h = constrain(layers.conv(mc, 3, name="conv_in", **kw)(x.astype(self.dtype)))
+        h = layers.conv(mc, 3, name="conv_in", **kw)(x.astype(self.dtype))
+        if self.coordinate_frequencies > 0:
+            coords = coordinate_features(x.shape[1], x.shape[2], self.coordinate_frequencies).astype(self.dtype)
+            h = h + layers.dense(mc, names=(None, "embed"), name="coordinate_embedding", **kw)(coords)[None]
+        elif self.coordinate_frequencies < 0:
+            raise ValueError(f"coordinate_frequencies must be >= 0, got {self.coordinate_frequencies}")
+        h = constrain(h)
         skips = [h]
         ds = 1
         levels = len(self.channel_mult)

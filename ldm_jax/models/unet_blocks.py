@@ -33,6 +33,21 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
     return emb
 
 
+def coordinate_features(height: int, width: int, frequencies: int) -> jax.Array:
+    """(H, W, 4 * frequencies) Fourier features [sin | cos] (pi 2^k y, pi 2^k x), k < frequencies, of each pixel center.
+
+    y and x run over [-1, 1] (the image's relative position, so a feature means the same place at any
+    resolution). Added after conv_in they give a convolutional UNet the absolute position that its zero
+    padding only hints at (CoordConv, Liu et al. 2018; DiT / U-ViT add position embeddings the same way).
+    """
+    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
+    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
+    scale = jnp.pi * 2.0 ** jnp.arange(frequencies, dtype=jnp.float32)
+    y = jnp.broadcast_to(ys[:, None, None] * scale, (height, width, frequencies))
+    x = jnp.broadcast_to(xs[None, :, None] * scale, (height, width, frequencies))
+    return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=-1)
+
+
 def micro_conditioning(pooled: jax.Array, ids: jax.Array, dim: int = 256) -> jax.Array:
     """SDXL's added-conditioning vector (Podell et al. 2023, arXiv 2307.01952, sec. 2.2): [pooled | F(ids)].
 

@@ -116,6 +116,9 @@ class LDMObjective(Objective):
         if d.zero_terminal_snr and d.prediction == "eps":
             raise ConfigError("diffusion.zero_terminal_snr=True needs diffusion.prediction='v' (or 'x0'): at zero "
                               "SNR the eps target carries no information about the image (Lin et al. 2023, sec. 3.2)")
+        if d.timestep_sampling not in losses.TIMESTEP_SAMPLING or not d.timestep_scale > 0:
+            raise ConfigError(f"diffusion.timestep_sampling={d.timestep_sampling!r} must be one of "
+                              f"{losses.TIMESTEP_SAMPLING} and diffusion.timestep_scale ({d.timestep_scale}) > 0")
         betas = schedules.make_betas(d.schedule, d.num_timesteps, linear_start=d.linear_start,
                                      linear_end=d.linear_end, cosine_s=d.cosine_s, zero_terminal_snr=d.zero_terminal_snr)
         self.alphas_cumprod_np = schedules.alphas_cumprod(betas)
@@ -235,7 +238,8 @@ class LDMObjective(Objective):
         ab = jnp.asarray(self.alphas_cumprod_np, jnp.float32)
         z0 = self.latents(state.frozen["first_stage"], batch, k_enc) * state.extra["scale_factor"]
         context, y = self.conditioning(model, state, batch, k_drop)
-        t = jax.random.randint(k_t, (z0.shape[0],), 0, d.num_timesteps)
+        t = losses.sample_timesteps(k_t, z0.shape[0], d.num_timesteps, d.timestep_sampling, d.timestep_loc,
+                                    d.timestep_scale)
         noise = losses.sample_noise(k_noise, z0.shape, d.offset_noise)
         zt = losses.q_sample(z0, noise, t, ab)
         out = self.unet.apply({"params": model["unet"]}, zt, t, context, y, train=True, rngs={"dropout": k_dropout})
@@ -362,7 +366,9 @@ def default_ldm_config() -> ml_collections.ConfigDict:
     c.init_from = ""
     c.diffusion = dict(schedule="linear", num_timesteps=1000, linear_start=0.00085, linear_end=0.012, cosine_s=8e-3,
                        prediction="eps", loss="l2", min_snr_gamma=0.0, offset_noise=0.0, learn_logvar=False,
-                       logvar_init=0.0, zero_terminal_snr=False)
+                       logvar_init=0.0, zero_terminal_snr=False,
+                       # "uniform" (LDM) or "logit_normal" (SD3): t = T sigmoid(loc + scale n) (diffusion/losses.py)
+                       timestep_sampling="uniform", timestep_loc=0.0, timestep_scale=1.0)
     c.optim = optim.default_optim_config()
     c.sample = dict(every=0, prompts=[], num=8, seed=0, sampler="euler", schedule="karras", steps=20,
                     guidance_scale=3.0)

@@ -143,3 +143,24 @@ def test_sd2_openclip_single_file_config_matches_preset():
     # exported to diffusers it is SD2's 23-layer text encoder, i.e. our "openclip-vit-h-14" preset
     assert clip.config_from_diffusers(clip.config_to_diffusers(kw)) == clip._kw(TEXT_PRESETS["openclip-vit-h-14"])
     assert _count(TEXT_PRESETS["openclip-vit-h-14"]) == 340_387_840  # = transformers CLIPTextModel, 23 layers
+
+
+def test_zero_layer_encoder_is_its_embeddings():
+    """layers=0: hidden states = final LayerNorm(token + position embeddings), each token independent of the others;
+    negative layer counts and an output_layer other than -1 are refused."""
+    m = CLIPTextTransformer(vocab_size=50, width=16, layers=0, heads=2, mlp_dim=32, max_length=8, causal=False)
+    ids = jnp.array([[1, 7, 3, 49, 0, 0], [1, 7, 4, 49, 0, 0]])
+    p = meta.unbox(m.init(jax.random.key(0), ids)["params"])
+    hidden, pooled = m.apply({"params": p}, ids)
+    x = p["token_embedding"]["embedding"][ids] + p["position_embedding"][None, :6]
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    ln = p["final_layer_norm"]
+    want = (x - mu) / np.sqrt(var + 1e-5) * ln["scale"] + ln["bias"]
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(hidden[0, :2]), np.asarray(hidden[1, :2]))  # no mixing across tokens
+    np.testing.assert_allclose(np.asarray(pooled), np.asarray(want[:, 3]), rtol=1e-5, atol=1e-5)  # EOS = largest id
+    with pytest.raises(ValueError, match="layers must be >= 0"):
+        CLIPTextTransformer(layers=-1).init(jax.random.key(0), ids)
+    with pytest.raises(ValueError, match="output_layer"):
+        CLIPTextTransformer(vocab_size=50, width=16, layers=0, heads=2, max_length=8, output_layer=-2).init(
+            jax.random.key(0), ids)

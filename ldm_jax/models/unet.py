@@ -167,6 +167,8 @@ class UNet(nn.Module):
         return micro_conditioning(pooled, ids, self.addition_time_embed_dim)
 
     def _check(self, x: jax.Array, timesteps: jax.Array, context: jax.Array | None, y: jax.Array | None) -> None:
+        if self.coordinate_frequencies < 0:
+            raise ValueError(f"coordinate_frequencies must be >= 0, got {self.coordinate_frequencies}")
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"UNet expects x of shape (B, H, W, {self.in_channels}), got {x.shape}")
         f = 2 ** (len(self.channel_mult) - 1)
@@ -240,8 +242,6 @@ class UNet(nn.Module):
         if self.coordinate_frequencies > 0:
             coords = coordinate_features(x.shape[1], x.shape[2], self.coordinate_frequencies).astype(self.dtype)
             h = h + layers.dense(mc, names=(None, "embed"), name="coordinate_embedding", **kw)(coords)[None]
-        elif self.coordinate_frequencies < 0:
-            raise ValueError(f"coordinate_frequencies must be >= 0, got {self.coordinate_frequencies}")
         h = constrain(h)
         skips = [h]
         ds = 1

@@ -324,3 +324,37 @@ def test_bad_inputs_raise_clear_errors(kl):
         build_autoencoder("kl-f7")
     with pytest.raises(ValueError, match="embed_dim == z_channels"):
         conv.config_to_diffusers({**kwargs, "embed_dim": 3})
+
+
+def test_space_to_depth_folds_patches_into_channels_in_row_column_channel_order():
+    from ldm_jax.models.autoencoder import depth_to_space, space_to_depth
+
+    x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+    y = space_to_depth(x, 2)
+    assert y.shape == (2, 2, 2, 12)
+    # the patch at (1, 0) of image 1: pixels (2, 0), (2, 1), (3, 0), (3, 1), each with its 3 channels
+    np.testing.assert_array_equal(y[1, 1, 0], np.concatenate([x[1, 2, 0], x[1, 2, 1], x[1, 3, 0], x[1, 3, 1]]))
+    np.testing.assert_array_equal(depth_to_space(y, 2), x)
+
+
+def test_patch_stem_autoencoder_shapes_and_refused_export():
+    """patch_size p: the trunk runs at 1/p of the image; f = p * 2**(levels-1); no diffusers/CompVis export."""
+    kw = dict(ch=16, ch_mult=(1,), num_res_blocks=0, attn_resolutions=(), resolution=32, z_channels=4, embed_dim=4,
+              norm_groups=8, mid_attn=False, patch_size=4)
+    model = build_autoencoder(kw)
+    assert model.downsample_factor == 4 and build_autoencoder({**kw, "ch_mult": (1, 2)}).downsample_factor == 8
+    x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3), minval=-1, maxval=1)
+    params = nn.meta.unbox(model.init(jax.random.key(1), x, sample_posterior=False)["params"])
+    assert params["encoder"]["conv_in"]["kernel"].shape[-2] == 48  # 4 x 4 pixels x 3 channels per position
+    assert params["decoder"]["conv_out"]["kernel"].shape[-1] == 48
+    z = model.apply({"params": params}, x, method="encode_latent")
+    assert z.shape == (1, 8, 8, 4)
+    # the decoder's conv_out predicts 48 channels per cell, folded back into a 4 x 4 x 3 patch
+    out = model.apply({"params": params}, z, method="decode")
+    assert out.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="patch_size=4"):
+        conv.config_to_diffusers(kw)
+    with pytest.raises(ValueError, match="patch_size=4"):
+        conv.to_diffusers(params, kw)
+    with pytest.raises(ValueError, match="patch_size must be >= 1"):
+        build_autoencoder({**kw, "patch_size": 0}).init(jax.random.key(0), x, sample_posterior=False)

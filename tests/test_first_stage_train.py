@@ -99,3 +99,19 @@ def test_gan_step_on_8_devices_matches_independent_gradients():
 
     np.testing.assert_allclose(m["d_loss"], float(d_loss(new.params["ae"])), rtol=1e-4)
     assert not np.allclose(new.params["disc"]["conv_0"]["kernel"], dp["conv_0"]["kernel"])
+
+
+def test_permute_channels_draws_each_rgb_order_per_image_and_keeps_the_pixels():
+    from ldm_jax.training.autoencoder import permute_channels
+
+    n = 1200
+    x = jnp.broadcast_to(jnp.asarray([0.1, 0.5, 0.9]), (n, 2, 3, 3)) + jnp.arange(n)[:, None, None, None] * 1e-3
+    y = np.asarray(permute_channels(x, jax.random.key(0)))
+    orders = np.argsort(np.argsort(y[:, 0, 0], axis=-1), axis=-1)  # the rank of each output channel's value
+    assert np.all(np.sort(y, axis=-1) == np.sort(np.asarray(x), axis=-1))  # only the channel order changes
+    assert np.all(y == y[:, :1, :1])  # one order per image, the same at every pixel
+    counts = np.unique(orders, axis=0, return_counts=True)[1]
+    assert len(counts) == 6 and np.all(np.abs(counts / n - 1 / 6) < 0.04), counts
+    assert not np.array_equal(y, np.asarray(permute_channels(x, jax.random.key(1))))
+    with pytest.raises(ValueError, match="3-channel"):
+        permute_channels(jnp.zeros((1, 2, 2, 4)), jax.random.key(0))

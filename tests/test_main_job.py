@@ -38,7 +38,8 @@ def test_main_job_smoke_leaves_scores_samples_and_logs(tmp_path):
         <= stages["stage 2"]["seconds"] + 0.001 * len(stages)
 
     ae = [json.loads(line) for line in (wd / "first_stage" / "reconstructions" / "metrics.jsonl").read_text().splitlines()]
-    assert ae[-1]["step"] == 4 and 0.0 <= ae[-1]["color_kept"] <= 1.0 and ae[-1]["psnr"] > 0
+    assert [(r["step"], r["split"]) for r in ae] == [(4, "test"), (4, "heldout")]  # eval.extra_splits: the held-out
+    assert all(0.0 <= r["color_kept"] <= 1.0 and r["psnr"] > 0 for r in ae)           # pairs' images too
     assert (wd / "eval_grid.png").stat().st_size > 0 and list((wd / "samples").glob("*.png"))
     assert list((wd / "tb").glob("events.out.tfevents.*")) and list((wd / "first_stage" / "tb").glob("events.out.tfevents.*"))
     [rec] = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]  # config.eval, step 4

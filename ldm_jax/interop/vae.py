@@ -111,6 +111,7 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def config_to_diffusers(kwargs: Mapping[str, Any], *, scaling_factor: float | None = None) -> dict[str, Any]:
     """A diffusers config.json dict for our kwargs (raises where diffusers cannot express them)."""
     kw = full_kwargs(kwargs)
+    _check_exportable(kw)
     is_vq = "n_embed" in kw
     if not is_vq and kw["embed_dim"] != kw["z_channels"]:
         raise ValueError(
@@ -191,7 +192,7 @@ def config_from_compvis(
 def param_shapes(kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Flat {'encoder/conv_in/kernel': shape} of the model that `kwargs` describes (no allocation)."""
     module = autoencoder_class(dict(kwargs))(**full_kwargs(kwargs))
-    f = 2 ** (len(module.ch_mult) - 1)
+    f = module.downsample_factor
     x = jnp.zeros((1, f, f, module.in_channels), jnp.float32)
     if isinstance(module, AutoencoderKL):
         init = lambda: module.init(jax.random.key(0), x, sample_posterior=False)  # noqa: E731
@@ -296,7 +297,14 @@ def from_compvis(
 
 
 # ------------------------------------------------------------------------------------------- export
+def _check_exportable(kw: Mapping[str, Any]) -> None:
+    if int(kw.get("patch_size", 1)) != 1:
+        raise ValueError(f"an autoencoder with patch_size={kw['patch_size']} (our space-to-depth stem) has no "
+                         "diffusers / CompVis equivalent; it is saved and loaded only as an ldm_jax workdir")
+
+
 def _export(params: Mapping[str, Any], kwargs, prefix: str, compvis: bool) -> dict[str, np.ndarray]:
+    _check_exportable(full_kwargs(kwargs))
     shapes = param_shapes(kwargs)
     flat = flatten(params)
     missing, extra = sorted(set(shapes) - set(flat)), sorted(set(flat) - set(shapes))

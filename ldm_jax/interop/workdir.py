@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.interop.pretrained import Pretrained, load_diffusers, load_single_file
 from ldm_jax.models import lora
+from ldm_jax.models.autoencoder import downsample_factor
 
 Path = tuple[str, ...]
 LDM_OBJECTIVES = ("ldm", "dreambooth", "lora", "dreambooth_lora")  # objectives whose checkpoints carry "sampling"
@@ -140,7 +141,7 @@ def load_workdir(workdir: str | pathlib.Path, *, step: int | None = None, use_em
     if "lora" in spec:
         return _load_lora_workdir(workdir, spec, step, use_ema)
     params, meta, step = read_arrays(workdir, resolve(spec["weights"], spec["ema_groups"], use_ema), step)
-    f = 2 ** (len(spec["vae"]["ch_mult"]) - 1)
+    f = downsample_factor(dict(spec["vae"]))
     tok = spec["tokenizer"]
     tok = None if tok is None else {n: str(workdir / t) for n, t in tok.items()} if isinstance(tok, Mapping) \
         else str(workdir / tok)

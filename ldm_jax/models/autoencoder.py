@@ -71,8 +71,28 @@ def _upsample(x: jax.Array, conv_layer: nn.Module) -> jax.Array:
     return conv_layer(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H/p, W/p, p*p*C): each p x p patch's pixels become channels (row, column, channel order)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+    """The inverse of `space_to_depth`: (B, h, w, p*p*C) -> (B, h*p, w*p, C)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c // (p * p))
+
+
 class _Trunk(nn.Module):
-    """Fields shared by `Encoder` and `Decoder`."""
+    """Fields shared by `Encoder` and `Decoder`.
+
+    `patch_size` p > 1 (not in CompVis / diffusers): the encoder first folds each p x p pixel patch into channels
+    (`space_to_depth`) and the decoder's conv_out predicts p*p pixels per position (`depth_to_space`), so the
+    trunk runs at 1/p of the image size (the downsampling factor is p * 2**(levels-1)): for small images on a
+    CPU, wide convolutions at low resolution instead of narrow ones at full resolution (cf. DC-AE's
+    space-to-channel shortcuts, Chen et al. 2024)."""
 
     ch: int = 128
     ch_mult: Sequence[int] = (1, 2, 4, 4)
@@ -82,6 +102,7 @@ class _Trunk(nn.Module):
     z_channels: int = 4
     norm_groups: int = 32
     mid_attn: bool = True
+    patch_size: int = 1
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -93,7 +114,7 @@ class _Trunk(nn.Module):
         return (lambda c, name: res_cls(c, name=name, **kw)), (lambda name: attn_cls(name=name, **kw))
 
     def _has_attn(self, level: int) -> bool:
-        return self.resolution // 2**level in tuple(self.attn_resolutions)
+        return self.resolution // (self.patch_size * 2**level) in tuple(self.attn_resolutions)
 
     def _mid(self, h: jax.Array) -> jax.Array:
         res, attn = self._blocks()
@@ -114,6 +135,7 @@ class Encoder(_Trunk):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         res, attn = self._blocks()
+        x = space_to_depth(x, self.patch_size) if self.patch_size > 1 else x
         h = conv(self.ch, 3, name="conv_in", **kw)(x.astype(self.dtype))
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
@@ -148,7 +170,9 @@ class Decoder(_Trunk):
             if level != 0:
                 h = _upsample(h, conv(h.shape[-1], 3, name=f"up_{level}_upsample", **kw))
         h = nn.silu(group_norm(self.norm_groups, epsilon=NORM_EPS, name="norm_out", **kw)(h))
-        return conv(self.out_ch, 3, name="conv_out", **kw)(h)
+        p = self.patch_size
+        h = conv(self.out_ch * p * p, 3, name="conv_out", **kw)(h)
+        return depth_to_space(h, p) if p > 1 else h
 
 
 @struct.dataclass
@@ -210,6 +234,7 @@ class _Autoencoder(nn.Module):
     embed_dim: int = 4
     norm_groups: int = 32
     mid_attn: bool = True
+    patch_size: int = 1
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -217,16 +242,19 @@ class _Autoencoder(nn.Module):
     @property
     def downsample_factor(self) -> int:
         """Spatial factor between images and latents (f in 'kl-f8')."""
-        return 2 ** (len(self.ch_mult) - 1)
+        return downsample_factor(self)
 
     def _trunk_kwargs(self) -> dict[str, Any]:
+        if int(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         for c in {self.ch * m for m in self.ch_mult}:
             if c % self.norm_groups:
                 raise ValueError(f"channel count {c} (ch {self.ch} x ch_mult) is not divisible by norm_groups {self.norm_groups}")
         return dict(
             ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
             attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution, z_channels=self.z_channels,
-            norm_groups=self.norm_groups, mid_attn=self.mid_attn, remat_policy=self.remat_policy,
+            norm_groups=self.norm_groups, mid_attn=self.mid_attn, patch_size=int(self.patch_size),
+            remat_policy=self.remat_policy,
             dtype=self.dtype, param_dtype=self.param_dtype,
         )  # fmt: skip
 
@@ -417,6 +445,13 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         n_embed=256,
     ),
 }  # fmt: skip
+
+
+def downsample_factor(kwargs_or_module: Any) -> int:
+    """Spatial factor between images and latents of an autoencoder or its kwargs: patch_size * 2**(levels-1)."""
+    get = (lambda k, d=None: getattr(kwargs_or_module, k, d)) if isinstance(kwargs_or_module, nn.Module) \
+        else kwargs_or_module.get
+    return int(get("patch_size", 1) or 1) * 2 ** (len(get("ch_mult")) - 1)
 
 
 def round_trip(module: AutoencoderKL | VQModel, x: jax.Array, key: jax.Array | None = None) -> jax.Array:

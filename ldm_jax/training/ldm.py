@@ -48,7 +48,7 @@ from ldm_jax.diffusion import losses, schedules
 from ldm_jax.evaluation.evaluator import default_eval_config
 from ldm_jax.interop import workdir as workdir_io
 from ldm_jax.models import layers
-from ldm_jax.models.autoencoder import autoencoder_class, round_trip
+from ldm_jax.models.autoencoder import autoencoder_class, downsample_factor, round_trip
 from ldm_jax.models.unet import UNet
 from ldm_jax.training import ldm_io, optim, sample_grid
 from ldm_jax.training import text_conditioning as text_cond
@@ -123,7 +123,7 @@ class LDMObjective(Objective):
                                      linear_end=d.linear_end, cosine_s=d.cosine_s, zero_terminal_snr=d.zero_terminal_snr)
         self.alphas_cumprod_np = schedules.alphas_cumprod(betas)
         self.tx, self.schedule = optim.make_optimizer(c.optim, int(c.global_batch_size))
-        f = 2 ** (len(self.vae_kwargs["ch_mult"]) - 1)
+        f = downsample_factor(dict(self.vae_kwargs))
         if c.image_size % f:
             raise ConfigError(f"image_size={c.image_size} is not divisible by the first stage's downsampling {f}")
         self.latent_shape = (c.image_size // f, c.image_size // f, int(self.vae_kwargs["embed_dim"]))

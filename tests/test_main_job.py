@@ -45,3 +45,12 @@ def test_main_job_smoke_leaves_scores_samples_and_logs(tmp_path):
     [rec] = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]  # config.eval, step 4
     assert rec["step"] == 4 and rec["num_samples"] == 6 and rec["fid_first_stage"] > 0
     assert (wd / "tokenizer.json").exists() and (wd / "checkpoints" / "4").is_dir()
+
+    # a re-score with another guidance into its own folder: the rest as the run scored itself, the run's files kept
+    before = (wd / "eval.json").read_bytes()
+    cmd = [sys.executable, "-m", "ldm_jax.evaluation", f"--workdir={wd}", "--guidance_scale=1.5", f"--out={tmp_path / 're'}"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    re = json.loads((tmp_path / "re" / "eval.json").read_text())
+    assert re["settings"]["guidance_scale"] == 1.5 and re["settings"]["steps"] == 2 and re["num_samples"] == 6
+    assert (wd / "eval.json").read_bytes() == before and (tmp_path / "re" / "eval_grid.png").stat().st_size > 0

@@ -89,3 +89,15 @@ def test_evaluate_shapes_scores_both_splits_and_logs(tmp_path):
     assert scalars["eval/in_distribution/position"] == [(7, 1.0)]
     text = evaluation.format_metrics(metrics)
     assert "in_distribution (30 samples): color 100.0%" in text and "heldout (12 samples)" in text
+
+
+def test_run_settings_fill_what_is_not_given_from_the_runs_final_eval():
+    import ml_collections
+
+    from ldm_jax.evaluation.shapes_eval import run_settings
+
+    config = ml_collections.ConfigDict(dict(final_eval=dict(kind="shapes", per_pair=16, steps=20, guidance_scale=2.0,
+                                                            sampler="dpmpp_2m", batch_size=48)))
+    got = run_settings(config, steps=None, guidance_scale=1.5, per_pair=None, seed=None, sampler="euler")
+    assert got == {"steps": 20, "guidance_scale": 1.5, "per_pair": 16, "sampler": "euler"}  # seed: the default
+    assert run_settings(None, steps=None, guidance_scale=3.0) == {"guidance_scale": 3.0}

@@ -1,6 +1,7 @@
 """python -m ldm_jax.evaluation: sample-quality metrics on demand, and the shapes main job's scoring.
 
     python -m ldm_jax.evaluation --workdir=DIR                  # shapes: DIR/eval.json, DIR/eval_grid.png
+    python -m ldm_jax.evaluation --workdir=DIR --guidance_scale=1.5 --out=G  # re-score: G/eval.json; the rest as the run
     python -m ldm_jax.evaluation fid --workdir=DIR --inception=pt_inception-2015-12-05-6726825d.pth \
         --ref=ref.npz --num_samples=10000                        # samples in OUT/, OUT/fid.json next to them
     python -m ldm_jax.evaluation kid --pretrained=PATH --prompts=captions.txt --ref_data=images/ --inception=W
@@ -49,8 +50,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 50, "Images per sampling call and per feature batch.")
     flags.DEFINE_string("sampler", "dpmpp_2m", "Sampler name.")
     flags.DEFINE_string("schedule", "karras", "Sigma schedule.")
-    flags.DEFINE_integer("steps", None, "Sampler steps (default 25; shapes 20).")
-    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance (default 7.5; shapes 3.0).")
+    flags.DEFINE_integer("steps", None, "Sampler steps (default 25; shapes: the run's final_eval).")
+    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance (default 7.5; shapes: the run's final_eval).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("kid_subsets", 100, "KID: number of subsets.")
     flags.DEFINE_integer("kid_subset_size", 1000, "KID: subset size (capped by the sample counts).")
@@ -61,9 +62,8 @@ def _define_flags() -> None:
 def _shapes() -> None:
     if not F.workdir:
         raise app.UsageError("the shapes scoring needs --workdir=DIR (a shapes run)")
-    shapes_eval.evaluate_workdir(F.workdir, per_pair=F.per_pair, in_distribution=F.in_distribution,
-                                 steps=F.steps or 20, guidance_scale=3.0 if F.guidance_scale is None else F.guidance_scale,
-                                 sampler=F.sampler, seed=F.seed)
+    given = lambda name: getattr(F, name) if F[name].present else None  # noqa: E731  (else: the run's own)
+    shapes_eval.evaluate_workdir(F.workdir, out_dir=F.out, **{k: given(k) for k in shapes_eval._RUN_SETTINGS})
 
 
 def _load_pipe() -> Any:

@@ -119,18 +119,43 @@ def log_to_tensorboard(workdir: str | pathlib.Path, metrics: Mapping[str, Any], 
         writer.close()
 
 
-def evaluate_workdir(workdir: str | pathlib.Path, spec: shapes.ShapesSpec | None = None, **kwargs: Any) -> dict:
-    """Loads WORKDIR's newest checkpoint (EMA), scores it, writes eval.json, prints and returns the metrics."""
+_RUN_SETTINGS = ("per_pair", "in_distribution", "sampler", "schedule", "steps", "guidance_scale", "seed",
+                 "batch_size")
+
+
+def run_settings(config: Any, **kwargs: Any) -> dict[str, Any]:
+    """`kwargs` with each None among the scoring settings taken from the run's own `final_eval` block (how the run
+    scored itself), else left to `evaluate_shapes`' defaults; other keys pass through."""
+    block = dict(config.get("final_eval") or {}) if config is not None else {}
+    out = {}
+    for k, v in kwargs.items():
+        if v is None and k in _RUN_SETTINGS:
+            if k in block:
+                out[k] = block[k]
+        else:
+            out[k] = v
+    return out
+
+
+def evaluate_workdir(workdir: str | pathlib.Path, spec: shapes.ShapesSpec | None = None, *,
+                     out_dir: str | pathlib.Path | None = None, **kwargs: Any) -> dict:
+    """Loads WORKDIR's newest checkpoint (EMA), scores it, writes eval.json, prints and returns the metrics.
+
+    A setting passed as None is the run's own (`run_settings`). With `out_dir`, eval.json and eval_grid.png go
+    there and the run's eval.json and TensorBoard curves are left as they are (a re-score with other settings)."""
     import jax
 
     pipe = load_workdir(workdir)
     if spec is None:
         spec = shapes_spec(pipe.config.data) if pipe.config.data.source == "shapes" else shapes.ShapesSpec()
-    metrics, images = evaluate_shapes(pipe, spec, **kwargs)
+    settings = run_settings(pipe.config, **kwargs)
+    metrics, images = evaluate_shapes(pipe, spec, **settings)
     metrics["checkpoint_step"] = pipe.step
+    metrics["settings"] = {k: settings[k] for k in _RUN_SETTINGS if k in settings}
     if jax.process_index() == 0:
-        write_eval(workdir, metrics, images)
-        log_to_tensorboard(workdir, metrics, int(pipe.step or 0))
+        write_eval(out_dir or workdir, metrics, images)
+        if out_dir is None:
+            log_to_tensorboard(workdir, metrics, int(pipe.step or 0))
         print(format_metrics(metrics), flush=True)
     return metrics
 

@@ -63,7 +63,7 @@ def _shapes() -> None:
     if not F.workdir:
         raise app.UsageError("the shapes scoring needs --workdir=DIR (a shapes run)")
     given = lambda name: getattr(F, name) if F[name].present else None  # noqa: E731  (else: the run's own)
-    shapes_eval.evaluate_workdir(F.workdir, out_dir=F.out, **{k: given(k) for k in shapes_eval._RUN_SETTINGS})
+    shapes_eval.evaluate_workdir(F.workdir, out_dir=F.out, **{k: given(k) for k in shapes_eval.RUN_SETTINGS})
 
 
 def _load_pipe() -> Any:

@@ -119,7 +119,7 @@ def log_to_tensorboard(workdir: str | pathlib.Path, metrics: Mapping[str, Any], 
         writer.close()
 
 
-_RUN_SETTINGS = ("per_pair", "in_distribution", "sampler", "schedule", "steps", "guidance_scale", "seed",
+RUN_SETTINGS = ("per_pair", "in_distribution", "sampler", "schedule", "steps", "guidance_scale", "seed",
                  "batch_size")
 
 
@@ -129,7 +129,7 @@ def run_settings(config: Any, **kwargs: Any) -> dict[str, Any]:
     block = dict(config.get("final_eval") or {}) if config is not None else {}
     out = {}
     for k, v in kwargs.items():
-        if v is None and k in _RUN_SETTINGS:
+        if v is None and k in RUN_SETTINGS:
             if k in block:
                 out[k] = block[k]
         else:
@@ -151,7 +151,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, spec: shapes.ShapesSpec | None
     settings = run_settings(pipe.config, **kwargs)
     metrics, images = evaluate_shapes(pipe, spec, **settings)
     metrics["checkpoint_step"] = pipe.step
-    metrics["settings"] = {k: settings[k] for k in _RUN_SETTINGS if k in settings}
+    metrics["settings"] = {k: settings[k] for k in RUN_SETTINGS if k in settings}
     if jax.process_index() == 0:
         write_eval(out_dir or workdir, metrics, images)
         if out_dir is None:

@@ -91,6 +91,36 @@ def test_shapes_reconstruction_agreement():
     assert kept == [every, lost, every, every]
 
 
+def test_shapes_evaluation_reports_shape_kept_per_kind():
+    """evaluate(): shape_kept/<size>_<shape> is the fraction of each kind of original whose shape survives."""
+    import importlib.util
+    import pathlib
+
+    from ldm_jax.data import shapes
+    from ldm_jax.training.autoencoder import build
+
+    path = pathlib.Path(__file__).parents[1] / "configs" / "autoencoder_shapes.py"
+    mod_spec = importlib.util.spec_from_file_location("autoencoder_shapes", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    obj = build(module.get_config("test"))
+    spec = shapes.ShapesSpec()
+    ex = list(shapes.generate(spec, 0, "train", 0, 40))
+    to_x = lambda imgs: np.stack(imgs).astype(np.float32) / 127.5 - 1  # noqa: E731
+    # a "reconstruction" that turns every small circle into a small square and keeps everything else
+    recon = to_x([shapes.render({**e, "shape": "square"} if (e["size"], e["shape"]) == ("small", "circle") else e,
+                                32) for e in ex])
+    x = to_x([e["image"] for e in ex])
+    obj._eval_fn = lambda params, images: (recon, np.full(len(ex), 30.0), np.ones(len(ex)))
+    out = obj.evaluate(None, [{"image": x}])
+    kinds = {f"{e['size']}_{e['shape']}" for e in ex}
+    assert {k for k in out if k.startswith("shape_kept/")} == {f"shape_kept/{k}" for k in kinds}
+    assert out["shape_kept/small_circle"] == 0.0
+    assert all(v == 1.0 for k, v in out.items() if k.startswith("shape_kept/") and k != "shape_kept/small_circle")
+    n_small_circles = sum((e["size"], e["shape"]) == ("small", "circle") for e in ex)
+    assert 0 < n_small_circles < len(ex) and out["shape_kept"] == pytest.approx(1 - n_small_circles / len(ex))
+
+
 def test_kl_autoencoder_can_train_on_the_posterior_mean():
     """loss.sample_posterior=False: the step decodes the posterior mean, whatever the key (LDM's default, True, decodes
     a sample: the posterior's std here is far from 0, so a sample would differ)."""

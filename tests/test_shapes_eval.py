@@ -65,6 +65,28 @@ def test_score_counts_each_attribute_separately():
                                                    "background": 1 / 3})
 
 
+def test_shape_breakdown_counts_each_kind_and_what_it_was_read_as():
+    spec = S.ShapesSpec()
+    wanted = [S.parse_caption(p) for p in S.indistribution_prompts(spec, 60, seed=3)]
+    # circles drawn as squares, everything else right
+    images = [S.render({**a, "shape": "square" if a["shape"] == "circle" else a["shape"]}, 32) for a in wanted]
+    got = S.shape_breakdown(images, wanted, spec)
+    kinds = {f"{a['size']} {a['shape']}" for a in wanted}
+    assert set(got) == kinds and list(got)[:2] == ["large circle", "small circle"]  # ordered by shape, then size
+    for kind, b in got.items():
+        n = sum(f"{a['size']} {a['shape']}" == kind for a in wanted)
+        assert b["count"] == n
+        if kind.endswith("circle"):
+            assert b["accuracy"] == 0.0 and b["read_as"] == {"square": n}
+        else:
+            assert b["accuracy"] == 1.0 and b["read_as"] == {kind.split()[1]: n}
+    line = S.format_breakdown(got)
+    n_small = got["small circle"]["count"]
+    assert f"small circle 0% ({n_small}; {n_small} read as square)" in line and "large square 100% (" in line
+    with pytest.raises(ValueError, match="as many images"):
+        S.shape_breakdown(images[:2], wanted, spec)
+
+
 def test_evaluate_shapes_scores_both_splits_and_logs(tmp_path):
     spec = S.ShapesSpec()
     # a "model" that always draws a circle: right on held-out blue circles only, and on trained circles
@@ -87,8 +109,15 @@ def test_evaluate_shapes_scores_both_splits_and_logs(tmp_path):
     scalars = tb_scalars(tmp_path / "tb")
     assert scalars["eval/heldout/shape"] == [(7, pytest.approx(1 / 3))]
     assert scalars["eval/in_distribution/position"] == [(7, 1.0)]
+    # where the shape accuracy is lost, per size and shape: every circle right, every other kind read as a circle
+    for split in (h, d):
+        for kind, b in split["shape_by_kind"].items():
+            assert b["accuracy"] == (1.0 if kind.endswith("circle") else 0.0) and set(b["read_as"]) == {"circle"}
+    assert sum(b["count"] for b in d["shape_by_kind"].values()) == 30
+    assert {k.split()[1] for k in h["shape_by_kind"]} == {"triangle", "square", "circle"}
     text = evaluation.format_metrics(metrics)
     assert "in_distribution (30 samples): color 100.0%" in text and "heldout (12 samples)" in text
+    assert text.count("shape by kind: ") == 2 and "read as circle)" in text
 
 
 def test_run_settings_fill_what_is_not_given_from_the_runs_final_eval():

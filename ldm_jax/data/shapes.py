@@ -367,6 +367,34 @@ def score(images: Sequence[np.ndarray], prompts: Sequence[str], spec: ShapesSpec
     return {k: hits[k] / len(prompts) for k in (*ATTRIBUTES, "both", "all")}
 
 
+def shape_breakdown(images: Sequence[np.ndarray], wanted: Sequence[dict[str, str]],
+                    spec: ShapesSpec | None = None) -> dict[str, dict]:
+    """Where shape accuracy is lost: per "size shape" kind (e.g. "small circle") of `wanted` (attribute dicts,
+    one per image), the fraction of images read as that shape ("accuracy"), how many there are ("count") and
+    what they were read as ("read_as": {shape or "none": count}). Kinds are ordered by shape, then size."""
+    if len(images) != len(wanted) or not wanted:
+        raise ValueError(f"shape_breakdown needs as many images as attribute sets (>0), got {len(images)} and "
+                         f"{len(wanted)}")
+    read: dict[str, Counter] = {}
+    for image, want in zip(images, wanted):
+        got = describe(image, spec)["shape"] or "none"
+        read.setdefault(f"{want['size']} {want['shape']}", Counter())[got] += 1
+    kinds = sorted(read, key=lambda k: (SHAPES.index(k.split()[1]) if k.split()[1] in SHAPES else len(SHAPES), k))
+    return {k: {"accuracy": read[k][k.split()[1]] / sum(read[k].values()), "count": sum(read[k].values()),
+                "read_as": dict(read[k])} for k in kinds}
+
+
+def format_breakdown(breakdown: dict[str, dict]) -> str:
+    """One line: "small circle 34% (35; 19 read as square), ..." (the commonest wrong reading of each kind)."""
+    parts = []
+    for kind, b in breakdown.items():
+        wrong = {s: n for s, n in b["read_as"].items() if s != kind.split()[1]}
+        worst = max(wrong, key=wrong.get) if wrong else None
+        parts.append(f"{kind} {b['accuracy']:.0%} ({b['count']}" + (f"; {wrong[worst]} read as {worst})" if worst
+                                                                  else ")"))
+    return ", ".join(parts)
+
+
 def attributes_kept(originals: Sequence[np.ndarray], recons: Sequence[np.ndarray],
                     spec: ShapesSpec | None = None) -> list[dict[str, bool]]:
     """Per image pair: whether the classifier reads the same value of each attribute from both (uint8 images)."""

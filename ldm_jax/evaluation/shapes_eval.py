@@ -54,7 +54,9 @@ def evaluate_shapes(
                            guidance_scale=guidance_scale, seed=seed, params=params, height=spec.resolution,
                            width=spec.resolution, batch_size=batch_size)
     seconds = time.perf_counter() - start
-    heldout = {**shapes.score(list(images[:len(held)]), held, spec), "num_samples": len(held)}
+    heldout = {**shapes.score(list(images[:len(held)]), held, spec), "num_samples": len(held),
+               "shape_by_kind": shapes.shape_breakdown(list(images[:len(held)]),
+                                                       [shapes.parse_caption(p) for p in held], spec)}
     heldout["per_pair"] = {
         f"{color} {shape}": shapes.score(list(images[p * per_pair:(p + 1) * per_pair]),
                                          held[p * per_pair:(p + 1) * per_pair], spec)
@@ -76,7 +78,9 @@ def evaluate_shapes(
     }
     if indist:
         metrics["in_distribution"] = {**shapes.score(list(images[len(held):]), indist, spec),
-                                      "num_samples": len(indist)}
+                                      "num_samples": len(indist),
+                                      "shape_by_kind": shapes.shape_breakdown(
+                                          list(images[len(held):]), [shapes.parse_caption(p) for p in indist], spec)}
     return metrics, images
 
 
@@ -102,6 +106,8 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
             m = metrics[split]
             attrs = ", ".join(f"{a} {m[a]:.1%}" for a in (*shapes.ATTRIBUTES, "all"))
             lines.append(f"  {split} ({m['num_samples']} samples): {attrs}")
+            if m.get("shape_by_kind"):
+                lines.append(f"    shape by kind: {shapes.format_breakdown(m['shape_by_kind'])}")
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ import optax
 from ldm_jax import metrics
 from ldm_jax.data.config import default_data_config, shapes_spec
 from ldm_jax.data.pipeline import make_dataset
-from ldm_jax.data.shapes import attributes_kept
+from ldm_jax.data.shapes import attributes_kept, describe, shape_breakdown
 from ldm_jax.interop.lpips import load_lpips_params
 from ldm_jax.models.autoencoder import VAE_PRESETS, VQModel, autoencoder_class, round_trip
 from ldm_jax.models.discriminator import D_LOSSES, NLayerDiscriminator
@@ -364,10 +364,11 @@ class AutoencoderObjective(Objective):
 
         On the built-in shapes dataset also `<attribute>_kept` (color, shape, size, position, background):
         the fraction of reconstructions in which the dataset's classifier reads the same value as in the
-        original image (what the LDM stage needs from its first stage; a blurry one returns the background).
+        original image (what the LDM stage needs from its first stage; a blurry one returns the background),
+        and `shape_kept/<size>_<shape>` per kind of shape in the originals (e.g. shape_kept/small_circle).
         """
         fn = self.reconstruct_fn()
-        ps, ss, kept = [], [], []
+        ps, ss, kept, pairs = [], [], [], []
         spec = None
         if self.config.get("data") is not None and self.config.data.source == "shapes":
             spec = shapes_spec(self.config.data)
@@ -377,9 +378,17 @@ class AutoencoderObjective(Objective):
             ss.append(_host(s))
             if spec is not None:
                 kept.extend(_classified_alike(_host(b["image"]), _host(recon), spec))
+                pairs.append((_to_u8(_host(b["image"])), _to_u8(_host(recon))))
         out = {"psnr": float(np.mean(np.concatenate(ps))), "ssim": float(np.mean(np.concatenate(ss)))}
         for k in kept[0] if kept else ():
             out[f"{k}_kept"] = float(np.mean([d[k] for d in kept]))
+        if pairs:
+            originals = np.concatenate([a for a, _ in pairs])
+            recons = np.concatenate([r for _, r in pairs])
+            # the kind of each original as the classifier reads it (clean images: always right)
+            kinds = shape_breakdown(list(recons), [describe(o, spec) for o in originals], spec)
+            for kind, b in kinds.items():
+                out[f"shape_kept/{kind.replace(' ', '_')}"] = b["accuracy"]
         return out
 
     def hooks(self) -> list[Hook]:
@@ -415,6 +424,8 @@ class AutoencoderObjective(Objective):
             kept = ""
             if "color_kept" in scores:
                 kept = ", kept: " + ", ".join(f"{k[:-5]} {v:.0%}" for k, v in scores.items() if k.endswith("_kept"))
+                kept += "; shape kept by kind: " + ", ".join(f"{k.split('/', 1)[1].replace('_', ' ')} {v:.0%}"
+                                                            for k, v in scores.items() if k.startswith("shape_kept/"))
             log.info("step %d: %s split: reconstruction PSNR %.2f dB, SSIM %.4f%s", ctx.step, split, scores["psnr"],
                      scores["ssim"], kept)
 
@@ -439,7 +450,10 @@ def build(config: ml_collections.ConfigDict, workdir: Any = None) -> Autoencoder
     return AutoencoderObjective(config)
 
 
+def _to_u8(a: np.ndarray) -> np.ndarray:
+    return np.clip((np.asarray(a, np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+
+
 def _classified_alike(x: np.ndarray, recon: np.ndarray, spec) -> list[dict[str, bool]]:
     """Per image: {attribute: same value} read by the shapes classifier from x and its reconstruction ([-1, 1])."""
-    to_u8 = lambda a: np.clip((np.asarray(a, np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)  # noqa: E731
-    return attributes_kept(to_u8(x), to_u8(recon), spec)
+    return attributes_kept(_to_u8(x), _to_u8(recon), spec)

@@ -10,6 +10,8 @@ whole run hangs for `shutdown_timeout` (5 minutes) or, past it, forever. So here
 - every process watches that store (and whether the service is still there) from a daemon thread and, on
   a failure, prints `ldm_jax: process 1 failed: ... -- stopping process 0 too; re-run the same command on
   every process to resume from the newest complete checkpoint` and exits with status `PEER_FAILED`.
+A collective that fails because a peer's connection dropped (gloo names an address, not a rank) is not
+reported as this process's own error: it waits, up to the heartbeat timeout, for the peer to be named.
 `LDM_JAX_HEARTBEAT_TIMEOUT` (seconds, default 100, JAX's) bounds how long a silently lost host goes unnoticed.
 """
 from __future__ import annotations
@@ -109,11 +111,50 @@ def _peer_failures() -> list[str] | None:
         return None
 
 
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "read error", "write error")
+
+
+def _peer_connection_lost(value: BaseException) -> bool:
+    """Whether a collective failed because a peer's connection dropped (gloo names an address, not a rank)."""
+    seen = set()
+    while value is not None and id(value) not in seen:
+        seen.add(id(value))
+        text = str(value).lower()
+        if "gloo" in text and any(m in text for m in _PEER_LOST):
+            return True
+        value = value.__cause__ or value.__context__
+    return False
+
+
+def _await_peer_verdict(value: BaseException) -> None:
+    """A peer dropped out of a collective: wait until it is named rather than report its death as our error.
+
+    A peer that failed in Python publishes why (seconds); one that died (kill -9, a lost host) is named by JAX's
+    heartbeat check, which aborts this process, within the heartbeat timeout. Returns if neither came."""
+    wait = heartbeat_timeout() + 10
+    sys.stderr.write(f"ldm_jax: process {jax.process_index()}: a collective lost its connection to a peer "
+                     f"({' '.join(str(value).split())[:200]}); waiting up to {wait} s for the coordination "
+                     "service to name the process that left\n")
+    sys.stderr.flush()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        peers = _peer_failures()
+        if peers:
+            _stop("; ".join(peers))
+        if peers is None:
+            _stop("lost the coordination service (process 0)" if jax.process_index() != 0 else
+                  "the coordination service stopped answering")
+        time.sleep(_POLL_S)
+
+
 def _excepthook(kind, value, tb) -> None:
     # A collective that failed because a peer left first (gloo: "Connection closed by peer") is that peer's failure.
     peers = _peer_failures()
     if peers:
         _stop("; ".join(peers))
+    if peers == [] and _peer_connection_lost(value):
+        _await_peer_verdict(value)
+        peers = _peer_failures()
     if peers is None and jax.process_index() != 0:
         _stop("lost the coordination service (process 0)")
     traceback.print_exception(kind, value, tb)

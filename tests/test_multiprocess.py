@@ -106,7 +106,7 @@ def test_two_processes_survive_kill9_and_resume_to_the_one_process_losses(tmp_pa
 
 
 FAILING = r"""
-import sys, time
+import os, signal, sys, time
 import numpy as np
 from jax.experimental import multihost_utils
 from ldm_jax import distributed, sharding
@@ -119,6 +119,8 @@ def main():
         if i == 3 and me == int(how[-1]):
             if how.startswith("raise"):
                 raise RuntimeError("boom on one host")
+            if how.startswith("kill"):
+                os.kill(os.getpid(), signal.SIGKILL)
             sys.exit("config error: only this host lacks the data")
         time.sleep(0.2)
 
@@ -161,3 +163,24 @@ def test_a_python_failure_on_one_process_stops_the_other_naming_it(tmp_path, how
             "exit0": "process 0 failed: config error: only this host lacks the data"}[how]
     assert f"ldm_jax: {want} -- stopping process {other} too; re-run the same command" in outs[other], outs[other][-3000:]
     assert took < 60  # without the hand-off: the shutdown barrier's 300 s, then a hang in the collective
+
+
+def test_a_peer_killed_inside_a_collective_is_named_not_reported_as_our_own_error(tmp_path):
+    # kill -9 of process 1 while both are in collectives: process 0's collective fails at once (gloo: "Connection
+    # reset by peer", no rank in it). That must not read as process 0's own error: it waits for JAX's heartbeat
+    # check, which names the dead task. (A CI run once saw the 2-process training test fail exactly so.)
+    heartbeat = 10
+    procs = _pair(tmp_path, FAILING, "kill1", {"LDM_JAX_HEARTBEAT_TIMEOUT": str(heartbeat)})
+    t0 = time.monotonic()
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    took = time.monotonic() - t0
+    assert procs[1].returncode == -9
+    assert procs[0].returncode != 0 and took < heartbeat + 40, (took, outs[0][-3000:])
+    assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s+1\b|process\(es\) \[1\]|process 1\b",
+                     outs[0]), outs[0][-3000:]

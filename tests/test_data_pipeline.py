@@ -9,7 +9,8 @@ from ldm_jax.data import shapes as S
 from ldm_jax.data.config import default_data_config, shapes_spec
 import jax.numpy as jnp
 
-from ldm_jax.data.pipeline import local_dataset, make_dataset, preprocess_image, to_unit_range
+from ldm_jax.data.pipeline import (Repeated, local_dataset, make_dataset, parse_repeat_captions, preprocess_image,
+                                   repeat_factors, to_unit_range)
 from ldm_jax.data.tokenizers import train_bpe_tokenizer
 from ldm_jax.sharding import make_mesh
 
@@ -211,3 +212,46 @@ def test_same_batches_on_any_mesh(cfg, tok):
             for k in w:
                 np.testing.assert_array_equal(np.asarray(got[k]), w[k])
         it.close()
+
+
+def test_repeat_captions_reads_matching_examples_that_many_times_per_epoch(cfg, mesh):
+    assert parse_repeat_captions(" small circle:4, square:2 ") == [(frozenset({"small", "circle"}), 4),
+                                                                   (frozenset({"square"}), 2)]
+    for bad in ("small circle", "circle:0", ":3", "circle:x"):
+        with pytest.raises(ValueError, match="repeat_captions item"):
+            parse_repeat_captions(bad)
+    source = [{"caption": c} for c in ("a small red circle at the top", "a large red circle at the top",
+                                       "a small blue square", "a small green triangle")]
+    factors = repeat_factors(source, "caption", parse_repeat_captions("small circle:4,square:2,small:3"))
+    np.testing.assert_array_equal(factors, [4, 1, 3, 3])  # the largest factor among the patterns matched
+    rep = Repeated(source, factors)
+    assert len(rep) == 11 and [rep[i]["caption"] for i in range(4)] == [source[0]["caption"]] * 4
+    assert [e["caption"] for e in rep.__getitems__([3, 4, 10])] == [source[0]["caption"], source[1]["caption"],
+                                                                     source[3]["caption"]]
+    with pytest.raises(Exception, match="needs captions"):
+        repeat_factors([{"image": b""}], "caption", parse_repeat_captions("circle:2"))
+
+    # through make_dataset: one epoch holds every "small circle" example 3 times, the others once
+    c = cfg.copy_and_resolve_references()
+    c.repeat_captions = "small circle:3"
+    c.caption_key = ""  # an autoencoder's data: no captions in the batch, the weights still read them
+    c.num_epochs = 1
+    spec = shapes_spec(c)
+    captions = [e["caption"] for e in S.generate(spec, c.shapes.seed, "train", 0, c.shapes.num_train)]
+    small_circles = sum("small" in t.split() and "circle" in t.split() for t in captions)
+    assert 0 < small_circles < len(captions)
+    it = make_dataset(c, mesh=mesh, global_batch_size=8, seed=1)
+    assert it.meta["num_examples_repeated"] == len(captions) + 2 * small_circles
+    seen = [np.round((img + 1) * 127.5).astype(np.uint8).tobytes() for b in it for img in np.asarray(b["image"])]
+    it.close()
+    total = len(captions) + 2 * small_circles
+    assert len(seen) == total // 8 * 8
+    want = {}
+    for i, text in enumerate(captions):
+        key = S.render(S.sample_attributes(spec, c.shapes.seed, "train", i), spec.resolution).tobytes()
+        want[key] = want.get(key, 0) + (3 if "small" in text.split() and "circle" in text.split() else 1)
+    got = {}
+    for key in seen:
+        got[key] = got.get(key, 0) + 1
+    assert set(got) <= set(want) and all(got[k] <= want[k] for k in got)
+    assert sum(want.values()) - sum(got.values()) == total % 8  # only the last partial batch is dropped

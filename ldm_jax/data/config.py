@@ -34,6 +34,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.record_sizes = False  # record original_size / crop_top_left / target_size also without buckets
     c.small_images = "upscale"  # images whose smaller side is below `resolution`: "upscale" | "skip"
     c.shuffle = True
+    # Repeat-factor sampling of the training split (LVIS's, by caption): "small circle:4" reads each example whose
+    # caption holds all of the words "small" and "circle" 4 times per epoch (the largest factor of the patterns it
+    # matches; others once). Captions are read from `repeat_caption_key` ("" = `caption_key`, else "caption").
+    c.repeat_captions = ""
+    c.repeat_caption_key = ""
     c.num_epochs = 0  # 0 = repeat forever
     c.num_threads = 2  # grain reader threads (decode + preprocess)
     c.read_buffer = 64  # examples grain reads ahead

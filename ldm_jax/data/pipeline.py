@@ -356,6 +356,11 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, mesh: Mesh, global_b
         it = DataIterator(ds, mesh, global_batch_size, c.prefetch, meta)
         it.preprocess = preprocess
         return it
+    repeats = parse_repeat_captions(c.get("repeat_captions", "")) if train else []
+    if repeats:
+        key = c.get("repeat_caption_key", "") or c.caption_key or "caption"
+        source = Repeated(source, repeat_factors(source, key, repeats))
+        meta["num_examples_repeated"] = len(source)
     ds = local_dataset(source, seed=seed, shuffle=train and c.shuffle, num_epochs=epochs,
                        process_index=jax.process_index(), process_count=nproc)
     ds = ds.random_map(preprocess, seed=seed)
@@ -364,6 +369,59 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, mesh: Mesh, global_b
     it = DataIterator(ds, mesh, global_batch_size, c.prefetch, meta)
     it.preprocess = preprocess
     return it
+
+
+def parse_repeat_captions(text: str) -> list[tuple[frozenset[str], int]]:
+    """"small circle:4,small square:4" -> [({"small", "circle"}, 4), ({"small", "square"}, 4)]."""
+    out = []
+    for item in filter(None, (part.strip() for part in str(text or "").split(","))):
+        words, sep, factor = item.rpartition(":")
+        try:
+            k = int(factor)
+        except ValueError:
+            k = 0
+        if not sep or not words.split() or k < 1:
+            raise ValueError(f"data.repeat_captions item {item!r} must be 'word [word ...]:N' with a whole N >= 1")
+        out.append((frozenset(words.lower().split()), k))
+    return out
+
+
+def repeat_factors(source: Any, key: str, repeats: list[tuple[frozenset[str], int]]) -> np.ndarray:
+    """How many times each example of `source` is read per epoch: the largest factor whose words its caption holds."""
+    factors = np.ones(len(source), np.int64)
+    for i in range(len(source)):
+        ex = source[i]
+        try:
+            words = set(_caption(ex, key, None).lower().replace(",", " ").replace(".", " ").split())
+        except (KeyError, TypeError) as e:
+            raise builders.DataError(f"data.repeat_captions needs captions, but example {i} has no {key!r} "
+                                     f"(set data.repeat_caption_key)") from e
+        factors[i] = max([k for need, k in repeats if need <= words], default=1)
+    if (factors == 1).all():
+        log.warning("data.repeat_captions %s matched no caption: every example is read once",
+                    [" ".join(sorted(w)) + f":{k}" for w, k in repeats])
+    return factors
+
+
+class Repeated:
+    """`source` with example i appearing `factors[i]` times (a random-access source for grain)."""
+
+    def __init__(self, source: Any, factors: np.ndarray):
+        self.source = source
+        self.index = np.repeat(np.arange(len(source)), np.asarray(factors, np.int64))
+        self.dataset_info = getattr(source, "dataset_info", None)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.source[int(self.index[i])]
+
+    def __getitems__(self, indices: Any) -> list[Any]:  # grain's batched read (ArrayRecord reads many at once)
+        picked = [int(self.index[i]) for i in indices]
+        if hasattr(self.source, "__getitems__"):
+            return list(self.source.__getitems__(picked))
+        return [self.source[i] for i in picked]
 
 
 def local_dataset(source: Any, *, seed: int, shuffle: bool, num_epochs: int, process_index: int,

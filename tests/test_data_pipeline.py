@@ -255,3 +255,6 @@ def test_repeat_captions_reads_matching_examples_that_many_times_per_epoch(cfg, 
         got[key] = got.get(key, 0) + 1
     assert set(got) <= set(want) and all(got[k] <= want[k] for k in got)
     assert sum(want.values()) - sum(got.values()) == total % 8  # only the last partial batch is dropped
+    c.buckets = True
+    with pytest.raises(ValueError, match="repeat_captions does not work with data.buckets"):
+        make_dataset(c, mesh=mesh, global_batch_size=8)

@@ -350,6 +350,8 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, mesh: Mesh, global_b
     preprocess = _Preprocess(c, tokenizer, train, source.dataset_info.features)
     meta = {"seed": seed, "split": split, "global_batch_size": global_batch_size, "num_processes": nproc,
             "num_examples": len(source)}
+    if c.get("buckets", False) and c.get("repeat_captions", ""):
+        raise ValueError("data.repeat_captions does not work with data.buckets yet: turn one of them off")
     if c.get("buckets", False):
         ds, meta["buckets"] = _bucketed(c, source, preprocess, seed=seed, global_batch_size=global_batch_size,
                                         shuffle=train and c.shuffle, num_epochs=epochs)

@@ -228,7 +228,9 @@ def test_repeat_captions_reads_matching_examples_that_many_times_per_epoch(cfg, 
     assert len(rep) == 11 and [rep[i]["caption"] for i in range(4)] == [source[0]["caption"]] * 4
     assert [e["caption"] for e in rep.__getitems__([3, 4, 10])] == [source[0]["caption"], source[1]["caption"],
                                                                      source[3]["caption"]]
-    with pytest.raises(Exception, match="needs captions"):
+    from ldm_jax.data.builders import DataError
+
+    with pytest.raises(DataError, match="needs captions"):
         repeat_factors([{"image": b""}], "caption", parse_repeat_captions("circle:2"))
 
     # through make_dataset: one epoch holds every "small circle" example 3 times, the others once

@@ -57,6 +57,10 @@ def _steps(ckdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in ckdir.glob("*") if p.name.isdigit()) if ckdir.exists() else []
 
 
+# JAX's heartbeat abort names the task (or our watchdog: the service went with it)
+NAMES_PROCESS_1 = r"tasks are unhealthy \(stopped sending heartbeats\):\s+1\b|process\(es\) \[1\]|process 1\b"
+
+
 def test_two_processes_survive_kill9_and_resume_to_the_one_process_losses(tmp_path):
     # kill -9 of process 1 while both train (checkpoint every 2 steps): process 0 must not hang in a collective
     heartbeat = 30  # a short bound, yet long enough for a loaded CI machine to keep its heartbeats
@@ -80,8 +84,7 @@ def test_two_processes_survive_kill9_and_resume_to_the_one_process_losses(tmp_pa
                 p.kill()
             p.communicate(timeout=30)
     assert procs[0].returncode != 0 and took < heartbeat + 30, (took, out0[-3000:])
-    # JAX's heartbeat abort names the task (or our watchdog: the service went with it)
-    assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s+1\b|process\(es\) \[1\]|process 1\b", out0), out0[-3000:]
+    assert re.search(NAMES_PROCESS_1, out0), out0[-3000:]
 
     # re-running resumes from the newest complete checkpoint and continues exactly
     resume_at = max(_steps(ck))
@@ -147,13 +150,7 @@ def test_a_python_failure_on_one_process_stops_the_other_naming_it(tmp_path, how
 
     procs = _pair(tmp_path, FAILING, how, {})
     t0 = time.monotonic()
-    try:
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
+    outs = _finish(procs, timeout=120)
     took = time.monotonic() - t0
     bad = int(how[-1])
     other = 1 - bad
@@ -172,15 +169,8 @@ def test_a_peer_killed_inside_a_collective_is_named_not_reported_as_our_own_erro
     heartbeat = 10
     procs = _pair(tmp_path, FAILING, "kill1", {"LDM_JAX_HEARTBEAT_TIMEOUT": str(heartbeat)})
     t0 = time.monotonic()
-    try:
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
+    outs = _finish(procs, timeout=120)
     took = time.monotonic() - t0
     assert procs[1].returncode == -9
     assert procs[0].returncode != 0 and took < heartbeat + 40, (took, outs[0][-3000:])
-    assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s+1\b|process\(es\) \[1\]|process 1\b",
-                     outs[0]), outs[0][-3000:]
+    assert re.search(NAMES_PROCESS_1, outs[0]), outs[0][-3000:]

@@ -411,7 +411,6 @@ class Repeated:
     def __init__(self, source: Any, factors: np.ndarray):
         self.source = source
         self.index = np.repeat(np.arange(len(source)), np.asarray(factors, np.int64))
-        self.dataset_info = getattr(source, "dataset_info", None)
 
     def __len__(self) -> int:
         return len(self.index)

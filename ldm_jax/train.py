@@ -100,13 +100,17 @@ def main(argv: list[str]) -> None:
     if flags.FLAGS.verbosity <= 0:
         # Orbax and tfds log every checkpoint file operation at INFO through absl; ours stay (--verbosity=1: all).
         logging.getLogger("absl").setLevel(logging.WARNING)
-    sharding.initialize_distributed()
-    cli.enable_compile_cache()
     try:
         cfg = flags.FLAGS.config
         cfg.get("objective")  # ml_collections reports a config file it could not load only when first used
     except OSError as e:
         sys.exit(f"config error: {cli.one_line(e)}")
+    try:
+        sharding.set_cpu_devices(cfg.get("cpu_devices", 0))  # before anything starts JAX's backends
+    except ValueError as e:
+        sys.exit(f"config error: {cli.one_line(e)}")
+    sharding.initialize_distributed()
+    cli.enable_compile_cache()
     try:
         if flags.FLAGS.dry_run:
             print(memory.report(cfg, registry.make_objective(cfg), flags.FLAGS.devices or None), flush=True)

@@ -64,6 +64,9 @@ def default_loop_config() -> ml_collections.ConfigDict:
             objective="ldm",
             seed=0,
             mesh=(-1, 1, 1),  # (data, fsdp, tensor); one -1 takes the remaining devices
+            # `python -m ldm_jax.train` on a CPU: split the host into this many JAX devices (0: JAX's one), so the
+            # data-parallel mesh keeps every core busy (sharding.set_cpu_devices); the top-level config's counts
+            cpu_devices=0,
             global_batch_size=8,
             num_steps=1000,
             log_every=50,

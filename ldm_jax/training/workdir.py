@@ -19,7 +19,7 @@ import ml_collections
 log = logging.getLogger("ldm_jax.train")
 
 # Keys that say how to run, not what is trained: changing them on resume is routine and not reported.
-RUN_KEYS = ("num_steps", "log_every", "progress", "mesh")
+RUN_KEYS = ("num_steps", "log_every", "progress", "mesh", "cpu_devices")
 RUN_SECTIONS = ("checkpoint.", "sample.", "eval.", "final_eval.")
 
 

@@ -87,7 +87,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.global_batch_size = 32
     c.num_steps = 1800
     # Two CPU devices and a data-parallel mesh (each device's half batch on its own core): on a 2-core machine the
-    # stage-1 step ran 47.6 vs 64.4 ms and the LDM step 209 vs 250 ms (AMD EPYC family 25 model 17, avx512f; README).
+    # stage-1 step ran 39.7 vs 50.8 ms (alternating runs) and the LDM step 209 vs 250 ms (AMD EPYC family 25 model 17,
+    # avx512f; README); 4 devices on 2 cores were slower than 2.
     # Both stages run in this process, so both get it; ignored on GPUs / TPUs.
     c.cpu_devices = 2
     c.log_every = 100

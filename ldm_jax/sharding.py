@@ -5,6 +5,8 @@ One table maps the logical names that parameters and activations carry (see
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Sequence
 
 import jax
@@ -13,6 +15,8 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax import distributed
+
+log = logging.getLogger("ldm_jax.train")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -37,36 +41,29 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def set_cpu_devices(count: int) -> int:
+def set_cpu_devices(count: int) -> None:
     """Splits the host CPU into `count` JAX devices (`jax_num_cpu_devices`), so that a data-parallel mesh keeps
-    every core busy; returns the CPU device count in effect. 0 leaves JAX's default (one CPU device).
+    every core busy. 0 leaves JAX's default (one CPU device).
 
     XLA:CPU runs each device's program on its own thread: the main job's small convolutions keep about one core
-    busy per device, so on a 2-core machine 2 devices ran its autoencoder step 1.35x and its LDM step 1.2x faster
-    (README, "The main job"). Only the CPU backend is affected (a GPU or TPU run keeps its accelerators). It must
-    come before JAX starts its backends; an `XLA_FLAGS=--xla_force_host_platform_device_count=N` already set wins.
+    busy per device, so on a 2-core machine 2 devices ran its autoencoder step 1.27-1.35x and its LDM step 1.2x
+    faster (README, "The main job"). Only the CPU backend is affected (a GPU or TPU run keeps its accelerators).
+    It must come before JAX starts its backends (it starts none itself, so `jax.distributed` can still follow);
+    an `XLA_FLAGS=--xla_force_host_platform_device_count=N` already set wins.
     """
-    import logging
-    import os
-
     count = int(count or 0)
     if count < 0:
         raise ValueError(f"cpu_devices={count} must be >= 0 (0: JAX's default, one CPU device)")
     if count == 0:
-        return int(jax.config.jax_num_cpu_devices)
+        return
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        logging.getLogger("ldm_jax.train").info("cpu_devices=%d not applied: XLA_FLAGS already sets the CPU device "
-                                                "count", count)
-        return count
+        log.info("cpu_devices=%d not applied: XLA_FLAGS already sets the CPU device count", count)
+        return
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # the backends are up already (e.g. called from a program that ran JAX before)
-        have = len(jax.devices("cpu"))
-        if have != count:
-            logging.getLogger("ldm_jax.train").warning(
-                "cpu_devices=%d not applied: JAX already started with %d CPU device(s)", count, have)
-        return have
-    return count
+        log.warning("cpu_devices=%d not applied: JAX already started with %d CPU device(s)", count,
+                    len(jax.devices("cpu")))
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:

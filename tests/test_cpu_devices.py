@@ -23,26 +23,28 @@ def test_set_cpu_devices_splits_the_host_before_jax_starts():
     got = _run("""
         import jax
         from ldm_jax import sharding
-        n = sharding.set_cpu_devices(3)
-        print(n, len(jax.devices()), sharding.make_mesh((-1, 1, 1)).shape["data"])
+        sharding.set_cpu_devices(3)
+        print(len(jax.devices()), sharding.make_mesh((-1, 1, 1)).shape["data"])
     """)
-    assert got == "3 3 3"
+    assert got == "3 3"
 
 
 def test_xla_flags_device_count_wins_and_late_call_keeps_the_running_backend():
     got = _run("""
         import jax
         from ldm_jax import sharding
-        print(sharding.set_cpu_devices(2), len(jax.devices()))
+        sharding.set_cpu_devices(2)
+        print(len(jax.devices()))
     """, xla_flags="--xla_force_host_platform_device_count=4")
-    assert got == "2 4"  # reported as asked, but the 4 of XLA_FLAGS are what runs
+    assert got == "4"  # the 4 of XLA_FLAGS, not the 2 asked for
     got = _run("""
         import jax
         from ldm_jax import sharding
         jax.numpy.zeros(1).block_until_ready()  # backends up with 1 device
-        print(sharding.set_cpu_devices(2), len(jax.devices()))
+        sharding.set_cpu_devices(2)
+        print(len(jax.devices()))
     """)
-    assert got == "1 1"
+    assert got == "1"
 
 
 def test_bad_count_is_a_config_error():
@@ -61,4 +63,4 @@ def test_the_main_job_asks_for_two_cpu_devices_and_plans_its_mesh_on_them(tmp_pa
                           f"--workdir={tmp_path}/wd", "--dry_run", "--config.cpu_devices=0"], env=env,
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "(1 devices)" in out.stdout or "(1 device)" in out.stdout
+    assert "mesh data=1 fsdp=1 tensor=1 (1 devices)" in out.stdout

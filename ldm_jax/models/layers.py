@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ldm_jax.models import conv_grad
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -69,7 +71,9 @@ def conv(
     names: tuple[str | None, str | None] = ("conv_in", "conv_out"),
     name: str | None = None,
 ) -> nn.Conv:
-    """An NHWC conv with PyTorch's symmetric padding (k//2 unless given); kernel (kh, kw, in, out)."""
+    """An NHWC conv with PyTorch's symmetric padding (k//2 unless given); kernel (kh, kw, in, out).
+
+    Its gradients on the CPU backend are `conv_grad`'s (XLA:CPU's own are slow inside loops and conds)."""
     pad = kernel_size // 2 if padding is None else padding
     if isinstance(pad, int):
         pad = ((pad, pad), (pad, pad))
@@ -83,6 +87,7 @@ def conv(
         param_dtype=param_dtype,
         kernel_init=partitioned(kernel_init, ("kernel_h", "kernel_w", *names)),
         bias_init=partitioned(nn.initializers.zeros_init(), (names[1],)),
+        conv_general_dilated=conv_grad.conv_general_dilated,
         name=name,
     )
 

@@ -106,6 +106,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.cond.text = dict(vocab_size=640, width=64, layers=2, heads=4, mlp_dim=128, max_length=16, act="gelu",
                        causal=False)
     c.cond.text_trainable = True
+    # The pooled caption (the text encoder's output at EOS) projected and added to the time embedding, beside the
+    # cross-attention: every res block then sees the whole caption (GLIDE / Imagen add their pooled text the same
+    # way; `adm_in_channels` = the pooled width: no SDXL micro-conditioning ids). Paired on one first stage, 3
+    # sampling seeds each (session 15, README): held-out shape 66.0 vs 36.8%, in-distribution shape 76.4 vs 65.3%;
+    # large circles, drawn as squares without it, came out right in 86 / 77% of the samples (14 / 38% without).
+    c.unet.adm_in_channels = c.cond.text.width
+    # 8 GroupNorm groups in the UNet (8 channels each), not SD's 32 (2 each at 64 channels): a ResBlock adds the time
+    # embedding (timestep + pooled caption) per channel right before a GroupNorm, which removes each group's mean, so
+    # with 2 channels per group only the difference of each pair got through. With the pooled caption, paired on one
+    # first stage, 3 sampling seeds each (session 15, README): in-distribution shape 82.6 vs 76.4%, held-out shape
+    # 73.6 vs 66.0% (without either: 65.3 / 36.8%).
+    c.unet.norm_num_groups = 8
     c.cond.drop_prob = 0.1  # for classifier-free guidance
     # Position ("at the top left") is decided at the highest noise levels, where the noisy latent shows nothing and
     # only the text can say where the shape goes; measured (closing note, session 5), each of these was needed for
@@ -156,6 +168,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.unet.update(model_channels=32, attention_resolutions=(2,))
         c.cond.text.update(width=32, layers=1, heads=2, mlp_dim=32)
         c.unet.context_dim = 32
+        c.unet.adm_in_channels = c.cond.text.width
         c.data.shapes.num_train = 256
         c.data.shapes.num_test = 32
         c.data.shapes.num_heldout = 16

@@ -49,6 +49,7 @@ def micro_ids(
     Defaults: original = target = the output (height, width), crop (0, 0). Base (6 ids): the negative row
     equals the positive one unless both negative sizes are given. Refiner (5 ids): the negative row takes
     the negative sizes (defaulting to the positive ones), the negative crop and `negative_aesthetic_score`.
+    None (0 ids, a UNet whose `y` is the pooled text alone): two empty rows; any micro-conditioning given is an error.
     """
     for name, v in (("original_size", original_size), ("crops_coords_top_left", crops_coords_top_left),
                     ("target_size", target_size), ("negative_original_size", negative_original_size),
@@ -56,6 +57,16 @@ def micro_ids(
                     ("negative_target_size", negative_target_size)):
         if v is not None and (len(tuple(v)) != 2 or any(x < 0 for x in v)):
             raise ValueError(f"{name} must be a pair of non-negative numbers (h, w) / (top, left), got {v!r}")
+    if n_ids == 0:  # a pooled-text-only UNet (adm_in_channels == the pooled width): no ids to set
+        given = {k: v for k, v in (("original_size", original_size), ("target_size", target_size),
+                                   ("negative_original_size", negative_original_size),
+                                   ("negative_target_size", negative_target_size)) if v is not None}
+        if (aesthetic_score, negative_aesthetic_score) != (6.0, 2.5):
+            given["aesthetic_score"] = aesthetic_score
+        if given or tuple(crops_coords_top_left) != (0, 0) or tuple(negative_crops_coords_top_left) != (0, 0):
+            raise ValueError(f"this UNet's added conditioning is the pooled text alone (adm_in_channels = the pooled "
+                             f"width): it takes no micro-conditioning, got {sorted(given) or 'a crop'}")
+        return np.zeros((0,), np.float32), np.zeros((0,), np.float32)
     original = tuple(original_size or (height, width))
     target = tuple(target_size or (height, width))
     crop = tuple(crops_coords_top_left)
@@ -69,17 +80,18 @@ def micro_ids(
         cond = (*original, *crop, aesthetic_score)
         uncond = (*(negative_original_size or original), *negative_crops_coords_top_left, negative_aesthetic_score)
     else:
-        raise ValueError(f"SDXL micro-conditioning has 6 (base) or 5 (refiner) ids, this UNet takes {n_ids}")
+        raise ValueError(f"SDXL micro-conditioning has 6 (base) or 5 (refiner) ids (or none: the pooled text alone), "
+                         f"this UNet takes {n_ids}")
     return np.asarray(cond, np.float32), np.asarray(uncond, np.float32)
 
 
 def n_micro_ids(adm_in_channels: int, pooled_dim: int, time_embed_dim: int) -> int:
     """How many micro-conditioning ids a UNet's added-conditioning width holds beside the pooled text."""
     n, rest = divmod(adm_in_channels - pooled_dim, time_embed_dim)
-    if rest or n < 1:
+    if rest or n < 0:
         raise ValueError(f"adm_in_channels={adm_in_channels} is not the pooled width {pooled_dim} plus a "
                          f"multiple of addition_time_embed_dim={time_embed_dim}")
-    return n
+    return n  # 0: the pooled text alone (no micro-conditioning)
 
 
 def handoff_steps(timesteps: np.ndarray, num_train_timesteps: int, *, denoising_end: float | None = None,

@@ -56,7 +56,7 @@ def micro_conditioning(pooled: jax.Array, ids: jax.Array, dim: int = 256) -> jax
     (diffusers' `add_time_proj`, SGM's `ConcatTimestepEmbedderND`), flattened after the pooled text embedding.
     """
     ids = jnp.asarray(ids, jnp.float32)
-    fourier = timestep_embedding(ids.reshape(-1), dim).reshape(ids.shape[0], -1)
+    fourier = timestep_embedding(ids.reshape(-1), dim).reshape(ids.shape[0], ids.shape[1] * dim)  # n = 0: none
     return jnp.concatenate([jnp.asarray(pooled, jnp.float32), fourier], axis=-1)
 
 

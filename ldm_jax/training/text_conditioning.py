@@ -4,7 +4,9 @@ One path serves SD 1/2 (one CLIP tower, `cond.text` = its kwargs) and SDXL (`con
 CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, each at its penultimate layer; Podell et al. 2023, arXiv 2307.01952):
 - context: the towers' hidden states concatenated on the feature axis (SDXL base: 768 + 1280 = 2048).
 - y (UNets with `adm_in_channels`): the pooled, projected bigG output, then the 256-wide Fourier embedding of
-  each micro-conditioning id (`UNet.added_cond`, sec. 2.2-2.3). The ids come from the batch as the input
+  each micro-conditioning id (`UNet.added_cond`, sec. 2.2-2.3). `adm_in_channels` equal to the pooled width takes
+  the pooled text alone (no ids; the global caption vector added to the time embedding, as GLIDE / Imagen add
+  their pooled text; configs/shapes.py). The ids come from the batch as the input
   pipeline records them per image (data/buckets.py; `data.record_sizes` or `data.buckets`):
     base (6 ids):    original_size (h, w), crop_top_left (top, left), target_size (h, w)
     refiner (5 ids): original_size (h, w), crop_top_left (top, left), aesthetic_score (the batch's
@@ -76,14 +78,16 @@ class TextConditioner:
                                          int(unet_kwargs.get("addition_time_embed_dim", 256)))
             except ValueError as e:
                 raise ConfigError(f"unet.adm_in_channels does not fit the text encoder's pooled output: {e}") from None
-            if self.n_ids not in (5, 6):
+            if self.n_ids not in (0, 5, 6):
                 raise ConfigError(f"unet.adm_in_channels={adm} holds {self.n_ids} micro-conditioning ids; SDXL base "
-                                  "takes 6 (original size, crop, target size), the refiner 5 (…, aesthetic score)")
+                                  "takes 6 (original size, crop, target size), the refiner 5 (…, aesthetic score); "
+                                  f"adm_in_channels={self.module.pooled_dim} (the pooled width) takes the pooled "
+                                  "text alone")
 
     @property
     def added(self) -> bool:
-        """Whether the UNet takes SDXL's added conditioning `y`."""
-        return self.n_ids > 0
+        """Whether the UNet takes an added conditioning vector `y` (SDXL's, or the pooled text alone)."""
+        return self.adm_in_channels is not None
 
     def uncond_ids(self) -> np.ndarray:
         """The empty prompt's ids: (L,) for one tower, (towers, L) for several."""
@@ -101,6 +105,8 @@ class TextConditioner:
 
     def micro_ids(self, batch: Mapping[str, jax.Array], n: int) -> jax.Array:
         """(n, n_ids) float32 micro-conditioning ids of a batch (see the module docstring)."""
+        if self.n_ids == 0:
+            return jnp.zeros((n, 0), jnp.float32)
         if self.micro == "fixed":
             size, crop = (self.image_size, self.image_size), (0, 0)
             row = (*size, *crop, *size) if self.n_ids == 6 else (*size, *crop, self.aesthetic_score)
@@ -143,7 +149,7 @@ class TextConditioner:
 
 def config_errors(config: ml_collections.ConfigDict, conditioner: TextConditioner | None) -> list[str]:
     """What cannot run in the data config for this conditioning (checked before compiling)."""
-    if conditioner is None or not conditioner.added or conditioner.micro != "batch":
+    if conditioner is None or conditioner.n_ids == 0 or conditioner.micro != "batch":
         return []
     d = config.data
     if d.get("cache"):

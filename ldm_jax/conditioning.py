@@ -49,7 +49,7 @@ def micro_ids(
     Defaults: original = target = the output (height, width), crop (0, 0). Base (6 ids): the negative row
     equals the positive one unless both negative sizes are given. Refiner (5 ids): the negative row takes
     the negative sizes (defaulting to the positive ones), the negative crop and `negative_aesthetic_score`.
-    None (0 ids, a UNet whose `y` is the pooled text alone): two empty rows; any micro-conditioning given is an error.
+    None (0 ids, a UNet whose `y` is the pooled text alone): two empty rows.
     """
     for name, v in (("original_size", original_size), ("crops_coords_top_left", crops_coords_top_left),
                     ("target_size", target_size), ("negative_original_size", negative_original_size),
@@ -57,15 +57,7 @@ def micro_ids(
                     ("negative_target_size", negative_target_size)):
         if v is not None and (len(tuple(v)) != 2 or any(x < 0 for x in v)):
             raise ValueError(f"{name} must be a pair of non-negative numbers (h, w) / (top, left), got {v!r}")
-    if n_ids == 0:  # a pooled-text-only UNet (adm_in_channels == the pooled width): no ids to set
-        given = {k: v for k, v in (("original_size", original_size), ("target_size", target_size),
-                                   ("negative_original_size", negative_original_size),
-                                   ("negative_target_size", negative_target_size)) if v is not None}
-        if (aesthetic_score, negative_aesthetic_score) != (6.0, 2.5):
-            given["aesthetic_score"] = aesthetic_score
-        if given or tuple(crops_coords_top_left) != (0, 0) or tuple(negative_crops_coords_top_left) != (0, 0):
-            raise ValueError(f"this UNet's added conditioning is the pooled text alone (adm_in_channels = the pooled "
-                             f"width): it takes no micro-conditioning, got {sorted(given) or 'a crop'}")
+    if n_ids == 0:  # a pooled-text-only UNet (adm_in_channels == the pooled width): no ids (added_inputs refuses any)
         return np.zeros((0,), np.float32), np.zeros((0,), np.float32)
     original = tuple(original_size or (height, width))
     target = tuple(target_size or (height, width))
@@ -125,6 +117,9 @@ def added_inputs(unet: Any, text_encoder: Any, micro: Mapping[str, Any], height:
         raise TypeError(f"unknown generate() arguments {sorted(set(micro) - known)}; micro-conditioning takes "
                         f"{sorted(known)}")
     n_ids = n_micro_ids(unet.adm_in_channels, text_encoder.pooled_dim, unet.addition_time_embed_dim)
+    if n_ids == 0 and micro:
+        raise ValueError(f"this UNet's added conditioning is the pooled text alone (adm_in_channels = the pooled "
+                         f"width): it takes no micro-conditioning, got {sorted(micro)}")
     cond, uncond = micro_ids(n_ids, height, width, **micro)
     return {"cond": cond[None], "uncond": uncond[None], "keep": np.full((1,), 0.0 if zero else 1.0, np.float32)}
 
